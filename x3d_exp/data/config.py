@@ -1,0 +1,45 @@
+"""Schema of the `data` config group."""
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class SyntheticConfig:
+    """Sizes of the generated default dataset (see x3d_exp.data.synthetic)."""
+
+    num_classes: int = 4
+    train_per_class: int = 48
+    val_per_class: int = 8
+    test_per_class: int = 8
+    frames: int = 48
+    size: int = 64
+    fps: int = 30
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    # kinetics (official CSV or the PySlowFast `path label` lists) | ucf101
+    format: str = "kinetics"
+    root: Optional[str] = None
+    # Prefix of the official Kinetics CSVs: kinetics-400_{train,val,test}.csv
+    annotation_prefix: str = "kinetics-400"
+    num_classes: int = 400
+    split: int = 1
+    batch_size: int = 8
+    eval_batch_size: Optional[int] = None
+    num_workers: int = 2
+    prefetch: int = 2
+    target_fps: int = 30
+    test_num_clips: int = 10
+    test_num_crops: int = 3
+    max_bad_fraction: float = 0.05
+    # Optional overrides of the model's input sizes (null: take the model's own).
+    num_frames: Optional[int] = None
+    sampling_rate: Optional[int] = None
+    crop_size: Optional[int] = None
+    test_crop_size: Optional[int] = None
+    train_scale: Optional[List[int]] = None
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
