@@ -1,0 +1,182 @@
+"""Structured schema for the Hydra config, registered in Hydra's ConfigStore.
+
+Types are checked by OmegaConf when the config is composed (so `model.gamma_d=abc`
+fails naming the key); ranges are checked by `validate`, right after composition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from x3d_exp.data.config import DataConfig
+
+
+class ConfigError(ValueError):
+    """A user error in the composed config; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "x3d_xs"
+    gamma_t: float = 4.0
+    gamma_tau: float = 12.0
+    gamma_s: float = 1.4142135623730951
+    gamma_w: float = 1.0
+    gamma_b: float = 2.25
+    gamma_d: float = 2.2
+    # Derived from the factors when null.
+    num_frames: Optional[int] = None
+    sampling_rate: Optional[int] = None
+    crop_size: Optional[int] = None
+    test_crop_size: Optional[int] = None
+    train_scale: Optional[List[int]] = None
+    dropout: float = 0.5
+    # auto: the custom channelwise-conv kernels on the CPU when they build; native: nn.Conv3d.
+    cpu_kernels: str = "auto"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-5
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    # Linear scaling: lr * (global batch / base_batch_size).
+    scale_lr: bool = False
+    base_batch_size: int = 256
+    clip_grad_norm: Optional[float] = None
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine_warmup"
+    warmup_epochs: float = 1.0
+    warmup_start_lr: float = 0.01
+    end_lr: float = 1e-4
+    milestones: List[int] = field(default_factory=list)
+    gamma: float = 0.1
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"
+    nproc: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 8118
+    device: Optional[str] = None
+    timeout: int = 3600
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    eval_every: int = 1
+    ckpt_every: int = 1
+    keep_last: int = 2
+    log_every: int = 10
+    graph_mode: bool = True
+    progress: str = "auto"
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment_name: str = "x3d-exp"
+    run_name: Optional[str] = None
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    optim: OptimConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    launcher: LauncherConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    task: str = "train"
+    seed: int = 0
+    device: str = "auto"
+    amp_level: str = "O0"
+    ckpt: Optional[str] = None
+    resume: Any = False
+    # Free-form sections owned by other tasks (convert / infer / export / sweep).
+    convert: Any = field(default_factory=dict)
+    infer: Any = field(default_factory=dict)
+    export: Any = field(default_factory=dict)
+    sweep: Any = field(default_factory=dict)
+
+
+TASKS = ("train", "test", "summary", "convert", "infer", "export")
+DEVICES = ("auto", "CPU", "GPU", "Ascend")
+AMP_LEVELS = ("O0", "O1", "O2", "O3", "auto")
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="schema", node=Config)
+
+
+def _require(condition: bool, key: str, message: str, value: Any) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r}: {message}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks that types alone cannot express. Raises ConfigError naming the key."""
+    _require(cfg.task in TASKS, "task", f"must be one of {', '.join(TASKS)}", cfg.task)
+    _require(cfg.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}", cfg.device)
+    _require(cfg.amp_level in AMP_LEVELS, "amp_level", f"must be one of {', '.join(AMP_LEVELS)}", cfg.amp_level)
+    for name in ("gamma_t", "gamma_tau", "gamma_s", "gamma_w", "gamma_b", "gamma_d"):
+        value = cfg.model[name]
+        _require(value > 0, f"model.{name}", "must be > 0", value)
+    for name in ("num_frames", "sampling_rate", "crop_size", "test_crop_size"):
+        for group in ("model", "data"):
+            value = cfg[group][name]
+            _require(value is None or value >= 1, f"{group}.{name}", "must be >= 1", value)
+    _require(0 <= cfg.model.dropout < 1, "model.dropout", "must be in [0, 1)", cfg.model.dropout)
+    _require(cfg.model.cpu_kernels in ("auto", "native", "custom"), "model.cpu_kernels",
+             "must be auto, native or custom", cfg.model.cpu_kernels)
+    _require(cfg.optim.lr > 0, "optim.lr", "must be > 0", cfg.optim.lr)
+    _require(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0", cfg.optim.weight_decay)
+    _require(cfg.optim.name in ("sgd", "adamw"), "optim.name", "must be sgd or adamw", cfg.optim.name)
+    _require(cfg.schedule.name in ("cosine_warmup", "multistep"), "schedule.name",
+             "must be cosine_warmup or multistep", cfg.schedule.name)
+    _require(cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0", cfg.schedule.warmup_epochs)
+    _require(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1", cfg.data.batch_size)
+    _require(cfg.data.eval_batch_size is None or cfg.data.eval_batch_size >= 1, "data.eval_batch_size",
+             "must be >= 1", cfg.data.eval_batch_size)
+    _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0", cfg.data.num_workers)
+    _require(cfg.data.num_classes >= 1, "data.num_classes", "must be >= 1", cfg.data.num_classes)
+    _require(0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]",
+             cfg.data.max_bad_fraction)
+    _require(cfg.data.test_num_clips >= 1, "data.test_num_clips", "must be >= 1", cfg.data.test_num_clips)
+    _require(cfg.data.test_num_crops in (1, 3), "data.test_num_crops", "must be 1 or 3", cfg.data.test_num_crops)
+    _require(cfg.trainer.epochs >= 1, "trainer.epochs", "must be >= 1", cfg.trainer.epochs)
+    for name in ("eval_every", "ckpt_every", "keep_last", "log_every"):
+        _require(cfg.trainer[name] >= 1, f"trainer.{name}", "must be >= 1", cfg.trainer[name])
+    _require(cfg.launcher.nproc >= 1, "launcher.nproc", "must be >= 1", cfg.launcher.nproc)
+
+
+def flatten(cfg: DictConfig) -> dict:
+    """Resolved config as {"model.gamma_w": 1.0, ...}, lists kept as one value."""
+    out = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            out[prefix] = node
+
+    walk("", OmegaConf.to_container(cfg, resolve=True))
+    return out
