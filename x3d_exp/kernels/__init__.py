@@ -1,0 +1,57 @@
+"""Hand-written CPU kernels for X3D's channelwise 3D convolutions.
+
+MindSpore's CPU Conv3d runs channelwise kernels as oneDNN's reference or GEMM
+code; these C++ kernels (forward and both gradients) are several times
+faster. They are compiled on first use and cached (see `build`).
+
+- `resolve_cpu_kernels(setting, device)`: the `conv_impl` for the model from
+  the config switch `model.cpu_kernels` (`auto|native|custom`).
+- `build_channelwise_conv3d(...)`: the Cell for one layer and `conv_impl`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from x3d_exp.kernels.build import KernelBuildError
+
+SETTINGS = ("auto", "native", "custom")
+
+__all__ = ["SETTINGS", "KernelBuildError", "build_channelwise_conv3d", "resolve_cpu_kernels"]
+
+
+def resolve_cpu_kernels(setting: str, device: str) -> str:
+    """`conv_impl` to build the model with: "custom" or "native".
+
+    Off the CPU always "native" (cuDNN and Ascend's kernels are fine). On the
+    CPU "auto" means the C++ kernels when they build here, else "native" with
+    one warning line; "custom" demands them and raises KernelBuildError.
+    """
+    if setting not in SETTINGS:
+        raise ValueError(f"model.cpu_kernels must be one of {', '.join(SETTINGS)}, got {setting!r}")
+    if str(device).upper() != "CPU" or setting == "native":
+        return "native"
+    from x3d_exp.kernels.ops import kernel_library, kernels_available
+
+    if setting == "custom":
+        kernel_library()
+        return "custom"
+    return "custom" if kernels_available() else "native"
+
+
+def build_channelwise_conv3d(channels: int, kernel_size: Sequence[int], stride: Sequence[int],
+                             padding: Sequence[int], impl: str):
+    """A channelwise Conv3d Cell for `impl` "custom" (the C++ kernels) or "auto" (those, else nn.Conv3d).
+
+    `padding` is (t, h, w), applied on both sides, as `x3d_exp.models.x3d.channelwise_conv3d` gives it.
+    """
+    from x3d_exp.kernels.ops import ChannelwiseConv3d, kernels_available
+
+    if impl not in ("auto", "custom"):
+        raise ValueError(f"unknown channelwise conv impl {impl!r}; choose native, auto or custom")
+    if impl == "auto" and not kernels_available():
+        from x3d_exp.models.x3d import channelwise_conv3d
+
+        return channelwise_conv3d(channels, kernel_size, stride, padding, impl="native")
+    t, h, w = padding
+    return ChannelwiseConv3d(channels, kernel_size, stride, (t, t, h, h, w, w))

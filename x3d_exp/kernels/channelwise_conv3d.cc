@@ -1,0 +1,429 @@
+// Channelwise (depthwise) Conv3d for the CPU, as MindSpore Custom AOT kernels.
+//
+// Layout trick: each (sample, channel) volume is copied into a zero-padded
+// buffer, split into stride phases (H and W strides become separate planes).
+// In that buffer every output element, every input-gradient element and every
+// weight-gradient term is a dot product of contiguous runs at fixed offsets,
+// so one 1-D loop over the whole volume does the work with full-width vector
+// loads, whatever the spatial size (5x5 planes included) or stride.
+//
+// Threads: a small pool of our own that sleeps when idle, rather than OpenMP,
+// whose spinning workers starve MindSpore's thread pool between kernel calls.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <sched.h>
+#include <thread>
+#include <vector>
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+
+// Output elements per inner block: enough accumulators to hide FMA latency,
+// few enough to stay in registers.
+constexpr int kBlockVecs = 4;
+constexpr int64_t kBlock = kBlockVecs * kLanes;
+// Taps per pass of the weight-gradient loop: one accumulator each, plus loads.
+constexpr int kTapGroup = 9;
+
+inline Vec load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(Vec));
+  return v;
+}
+
+inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
+
+inline Vec splat(float x) {
+  Vec v;
+  for (int i = 0; i < kLanes; ++i) v[i] = x;
+  return v;
+}
+
+inline float hsum(Vec v) {
+  float s = 0.f;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------- geometry
+
+struct Geometry {
+  int64_t n, c, t, h, w;           // input
+  int64_t kt, kh, kw;              // kernel
+  int64_t st, sh, sw;              // stride
+  int64_t pf, pk, pt, pb, pl, pr;  // padding: front, back, top, bottom, left, right
+  int64_t to, ho, wo;              // output
+
+  // Packed buffer: phases x frames x rows x cols, zero padded.
+  int64_t tp, hq, wq, plane, phases, phase_size;
+  int64_t out_len;   // packed-output positions that hold every real output
+  int64_t margin;    // zeros before the packed output gradient (its reads go backwards)
+  int64_t slack;     // zeros after any buffer: block rounding and tap offsets overrun
+  std::vector<int64_t> tap_offset;  // into the packed input, per (dt, dh, dw)
+  std::vector<int64_t> tap_local;   // same, without the phase part
+  std::vector<int64_t> tap_phase;
+};
+
+bool make_geometry(const int64_t* xs, const int64_t* ws, const int64_t* g, const int64_t* ys, Geometry* out) {
+  Geometry& G = *out;
+  G.n = xs[0]; G.c = xs[1]; G.t = xs[2]; G.h = xs[3]; G.w = xs[4];
+  G.kt = ws[2]; G.kh = ws[3]; G.kw = ws[4];
+  G.st = g[0]; G.sh = g[1]; G.sw = g[2];
+  G.pf = g[3]; G.pk = g[4]; G.pt = g[5]; G.pb = g[6]; G.pl = g[7]; G.pr = g[8];
+  if (ws[0] != G.c || ws[1] != 1 || G.st < 1 || G.sh < 1 || G.sw < 1) return false;
+  for (int i = 3; i < 9; ++i)
+    if (g[i] < 0) return false;
+  int64_t tp = G.t + G.pf + G.pk, hp = G.h + G.pt + G.pb, wp = G.w + G.pl + G.pr;
+  if (tp < G.kt || hp < G.kh || wp < G.kw) return false;
+  G.to = (tp - G.kt) / G.st + 1;
+  G.ho = (hp - G.kh) / G.sh + 1;
+  G.wo = (wp - G.kw) / G.sw + 1;
+  if (ys[0] != G.n || ys[1] != G.c || ys[2] != G.to || ys[3] != G.ho || ys[4] != G.wo) return false;
+  G.tp = tp;
+  G.hq = ceil_div(hp, G.sh);
+  G.wq = ceil_div(wp, G.sw);
+  G.plane = G.hq * G.wq;
+  G.phases = G.sh * G.sw;
+  G.phase_size = G.tp * G.plane;
+  G.out_len = (G.to - 1) * G.st * G.plane + G.ho * G.wq;
+  int64_t max_local = 0;
+  for (int64_t dt = 0; dt < G.kt; ++dt)
+    for (int64_t dh = 0; dh < G.kh; ++dh)
+      for (int64_t dw = 0; dw < G.kw; ++dw) {
+        int64_t local = dt * G.plane + (dh / G.sh) * G.wq + dw / G.sw;
+        int64_t phase = (dh % G.sh) * G.sw + dw % G.sw;
+        G.tap_local.push_back(local);
+        G.tap_phase.push_back(phase);
+        G.tap_offset.push_back(phase * G.phase_size + local);
+        max_local = std::max(max_local, local);
+      }
+  G.margin = max_local + kBlock;
+  G.slack = max_local + 2 * kBlock;
+  return true;
+}
+
+// ------------------------------------------------------------ inner loops
+
+// out[i] = sum_k weight[k] * src[offset[k] + i] for i in [0, len), rounded up
+// to whole blocks (the buffers carry slack for that).
+void correlate(float* out, const float* src, const int64_t* offset, const float* weight, int64_t taps,
+               int64_t len) {
+  for (int64_t i = 0; i < len; i += kBlock) {
+    Vec acc[kBlockVecs] = {};
+    for (int64_t k = 0; k < taps; ++k) {
+      const float* p = src + offset[k] + i;
+      Vec wv = splat(weight[k]);
+      for (int u = 0; u < kBlockVecs; ++u) acc[u] += wv * load(p + u * kLanes);
+    }
+    for (int u = 0; u < kBlockVecs; ++u) store(out + i + u * kLanes, acc[u]);
+  }
+}
+
+// sums[k] += sum_i grad[i] * src[offset[k] + i] over [0, len) rounded up to vectors.
+template <int Group>
+void correlate_taps(double* sums, const float* grad, const float* src, const int64_t* offset, int64_t len) {
+  Vec acc[Group] = {};
+  for (int64_t i = 0; i < len; i += kLanes) {
+    Vec gv = load(grad + i);
+    for (int k = 0; k < Group; ++k) acc[k] += gv * load(src + offset[k] + i);
+  }
+  for (int k = 0; k < Group; ++k) sums[k] += hsum(acc[k]);
+}
+
+void weight_grad(double* sums, const float* grad, const float* src, const int64_t* offset, int64_t taps,
+                 int64_t len) {
+  int64_t k = 0;
+  for (; k + kTapGroup <= taps; k += kTapGroup) correlate_taps<kTapGroup>(sums + k, grad, src, offset + k, len);
+  for (; k < taps; ++k) correlate_taps<1>(sums + k, grad, src, offset + k, len);
+}
+
+// --------------------------------------------------------- pack / unpack
+
+void pack_input(const Geometry& G, const float* x, float* packed) {
+  std::memset(packed, 0, sizeof(float) * (G.phases * G.phase_size + G.slack));
+  for (int64_t t = 0; t < G.t; ++t) {
+    int64_t f = t + G.pf;
+    for (int64_t h = 0; h < G.h; ++h) {
+      int64_t y = h + G.pt;
+      const float* row = x + (t * G.h + h) * G.w;
+      if (G.phases == 1) {
+        std::memcpy(packed + f * G.plane + y * G.wq + G.pl, row, sizeof(float) * G.w);
+        continue;
+      }
+      for (int64_t w = 0; w < G.w; ++w) {
+        int64_t xx = w + G.pl;
+        int64_t phase = (y % G.sh) * G.sw + xx % G.sw;
+        packed[phase * G.phase_size + f * G.plane + (y / G.sh) * G.wq + xx / G.sw] = row[w];
+      }
+    }
+  }
+}
+
+void unpack_input_grad(const Geometry& G, const float* packed, float* dx) {
+  for (int64_t t = 0; t < G.t; ++t) {
+    int64_t f = t + G.pf;
+    for (int64_t h = 0; h < G.h; ++h) {
+      int64_t y = h + G.pt;
+      float* row = dx + (t * G.h + h) * G.w;
+      if (G.phases == 1) {
+        std::memcpy(row, packed + f * G.plane + y * G.wq + G.pl, sizeof(float) * G.w);
+        continue;
+      }
+      for (int64_t w = 0; w < G.w; ++w) {
+        int64_t xx = w + G.pl;
+        int64_t phase = (y % G.sh) * G.sw + xx % G.sw;
+        row[w] = packed[phase * G.phase_size + f * G.plane + (y / G.sh) * G.wq + xx / G.sw];
+      }
+    }
+  }
+}
+
+// Output (or its gradient) in packed coordinates: index ot*st*plane + oh*wq + ow.
+void unpack_output(const Geometry& G, const float* packed, float* y) {
+  for (int64_t ot = 0; ot < G.to; ++ot)
+    for (int64_t oh = 0; oh < G.ho; ++oh)
+      std::memcpy(y + (ot * G.ho + oh) * G.wo, packed + ot * G.st * G.plane + oh * G.wq, sizeof(float) * G.wo);
+}
+
+// Zeros everywhere but the real outputs: the gradient loops rely on reading
+// zeros past row ends, frame ends and both ends of the volume.
+void pack_output_grad(const Geometry& G, const float* dy, float* packed) {
+  std::memset(packed, 0, sizeof(float) * (G.margin + G.phase_size + G.slack));
+  float* base = packed + G.margin;
+  for (int64_t ot = 0; ot < G.to; ++ot)
+    for (int64_t oh = 0; oh < G.ho; ++oh)
+      std::memcpy(base + ot * G.st * G.plane + oh * G.wq, dy + (ot * G.ho + oh) * G.wo, sizeof(float) * G.wo);
+}
+
+// Per-thread scratch, grown on demand and kept between calls.
+float* scratch(int slot, int64_t floats) {
+  thread_local std::vector<float> buffers[3];
+  std::vector<float>& b = buffers[slot];
+  if (static_cast<int64_t>(b.size()) < floats) b.resize(floats);
+  return b.data();
+}
+
+// ------------------------------------------------------------- thread pool
+
+// Workers spin briefly after a job (the next kernel call is often close),
+// then sleep on a condition variable. A caller that finds the pool busy (two
+// kernels launched concurrently) runs its job alone instead of waiting.
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool pool;
+    return pool;
+  }
+
+  void run(int64_t count, const std::function<void(int64_t)>& task) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock() || workers_.empty() || count < 2) {
+      for (int64_t i = 0; i < count; ++i) task(i);
+      return;
+    }
+    task_ = &task;
+    count_ = count;
+    next_.store(0, std::memory_order_relaxed);
+    left_.store(0, std::memory_order_relaxed);
+    generation_ = (generation_ + 1) & kGenerationMask;
+    control_.store(kOpen | (generation_ << 32), std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+      { std::lock_guard<std::mutex> lock(sleep_mutex_); }
+      wake_.notify_all();
+    }
+    work();
+    uint64_t joined = control_.fetch_and(~kOpen, std::memory_order_acq_rel) & kJoinedMask;
+    while (left_.load(std::memory_order_acquire) < static_cast<int64_t>(joined)) cpu_relax();
+  }
+
+ private:
+  static constexpr uint64_t kOpen = 1ull << 63;
+  static constexpr uint64_t kJoinedMask = 0xffffffffull;
+  static constexpr uint64_t kGenerationMask = 0x7fffffffull;
+  static constexpr int kSpins = 20000;
+
+  Pool() {
+    int threads = available_cpus();
+    if (const char* env = std::getenv("X3D_EXP_KERNEL_THREADS")) threads = std::max(1, std::atoi(env));
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { loop(); });
+  }
+
+  ~Pool() {
+    stop_.store(true);
+    {
+      std::lock_guard<std::mutex> lock(sleep_mutex_);
+    }
+    wake_.notify_all();
+    for (auto& t : workers_) t.join();
+  }
+
+  static int available_cpus() {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return std::max(1u, std::thread::hardware_concurrency());
+  }
+
+  static void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+
+  void work() {
+    int64_t i;
+    while ((i = next_.fetch_add(1, std::memory_order_relaxed)) < count_) (*task_)(i);
+  }
+
+  bool has_new_job(uint64_t seen) const {
+    uint64_t c = control_.load(std::memory_order_acquire);
+    return (c & kOpen) && ((c >> 32) & kGenerationMask) != seen;
+  }
+
+  void loop() {
+    uint64_t seen = 0;
+    while (!stop_.load(std::memory_order_relaxed)) {
+      int spins = 0;
+      while (!has_new_job(seen) && spins < kSpins && !stop_.load(std::memory_order_relaxed)) {
+        cpu_relax();
+        ++spins;
+      }
+      if (!has_new_job(seen)) {
+        std::unique_lock<std::mutex> lock(sleep_mutex_);
+        sleepers_.fetch_add(1, std::memory_order_seq_cst);
+        wake_.wait(lock, [&] { return stop_.load() || has_new_job(seen); });
+        sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+        continue;
+      }
+      uint64_t c = control_.load(std::memory_order_acquire);
+      seen = (c >> 32) & kGenerationMask;
+      // Join only while the job is open: once closed, the caller no longer waits for us.
+      while ((c & kOpen) && ((c >> 32) & kGenerationMask) == seen) {
+        if (control_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel)) {
+          work();
+          left_.fetch_add(1, std::memory_order_release);
+          break;
+        }
+      }
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex busy_;
+  std::mutex sleep_mutex_;
+  std::condition_variable wake_;
+  std::atomic<int> sleepers_{0};
+  std::atomic<bool> stop_{false};
+  std::atomic<uint64_t> control_{0};
+  std::atomic<int64_t> next_{0};
+  std::atomic<int64_t> left_{0};
+  const std::function<void(int64_t)>* task_ = nullptr;
+  int64_t count_ = 0;
+  uint64_t generation_ = 0;
+};
+
+bool is_float32(const char* dtype) { return std::strcmp(dtype, "float32") == 0; }
+
+bool is_int64(const char* dtype) { return std::strcmp(dtype, "int64") == 0; }
+
+}  // namespace
+
+// Inputs: x (N, C, T, H, W), weight (C, 1, kt, kh, kw), geometry int64[9]
+// (stride t, h, w; padding front, back, top, bottom, left, right).
+// Output: y (N, C, To, Ho, Wo).
+extern "C" int ChannelwiseConv3dForward(int nparam, void** params, int* ndims, int64_t** shapes,
+                                        const char** dtypes, void* stream, void* extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 4 || ndims[0] != 5 || ndims[1] != 5 || ndims[2] != 1 || shapes[2][0] != 9 || ndims[3] != 5)
+    return 1;
+  if (!is_float32(dtypes[0]) || !is_float32(dtypes[1]) || !is_int64(dtypes[2]) || !is_float32(dtypes[3])) return 2;
+  Geometry G;
+  if (!make_geometry(shapes[0], shapes[1], static_cast<const int64_t*>(params[2]), shapes[3], &G)) return 3;
+  const float* x = static_cast<const float*>(params[0]);
+  const float* weight = static_cast<const float*>(params[1]);
+  float* y = static_cast<float*>(params[3]);
+  const int64_t taps = G.kt * G.kh * G.kw;
+  const int64_t in_size = G.t * G.h * G.w, out_size = G.to * G.ho * G.wo;
+  Pool::get().run(G.n * G.c, [&](int64_t item) {
+    int64_t ch = item % G.c;
+    float* packed = scratch(0, G.phases * G.phase_size + G.slack);
+    float* result = scratch(1, G.out_len + G.slack);
+    pack_input(G, x + item * in_size, packed);
+    correlate(result, packed, G.tap_offset.data(), weight + ch * taps, taps, G.out_len);
+    unpack_output(G, result, y + item * out_size);
+  });
+  return 0;
+}
+
+// Inputs: x, weight, geometry (as forward), dy (N, C, To, Ho, Wo).
+// Outputs: dx (N, C, T, H, W), dweight (C, 1, kt, kh, kw).
+extern "C" int ChannelwiseConv3dBackward(int nparam, void** params, int* ndims, int64_t** shapes,
+                                         const char** dtypes, void* stream, void* extra) {
+  (void)stream;
+  (void)extra;
+  if (nparam != 6 || ndims[0] != 5 || ndims[1] != 5 || ndims[2] != 1 || shapes[2][0] != 9 || ndims[3] != 5)
+    return 1;
+  if (!is_float32(dtypes[0]) || !is_float32(dtypes[1]) || !is_int64(dtypes[2]) || !is_float32(dtypes[3]))
+    return 2;
+  Geometry G;
+  if (!make_geometry(shapes[0], shapes[1], static_cast<const int64_t*>(params[2]), shapes[3], &G)) return 3;
+  const float* x = static_cast<const float*>(params[0]);
+  const float* weight = static_cast<const float*>(params[1]);
+  const float* dy = static_cast<const float*>(params[3]);
+  float* dx = static_cast<float*>(params[4]);
+  float* dweight = static_cast<float*>(params[5]);
+  const int64_t taps = G.kt * G.kh * G.kw;
+  const int64_t in_size = G.t * G.h * G.w, out_size = G.to * G.ho * G.wo;
+
+  // Input gradient of phase p gathers the output gradient through the taps of
+  // that phase, at negated offsets.
+  std::vector<std::vector<int64_t>> phase_offsets(G.phases);
+  std::vector<std::vector<int64_t>> phase_taps(G.phases);
+  for (int64_t k = 0; k < taps; ++k) {
+    phase_offsets[G.tap_phase[k]].push_back(-G.tap_local[k]);
+    phase_taps[G.tap_phase[k]].push_back(k);
+  }
+
+  // One task per channel, looping over the batch, so each weight gradient has one writer.
+  Pool::get().run(G.c, [&](int64_t ch) {
+    float* packed = scratch(0, G.phases * G.phase_size + G.slack);
+    float* grad = scratch(1, G.margin + G.phase_size + G.slack);
+    float* packed_dx = scratch(2, G.phases * G.phase_size + G.slack);
+    const float* w = weight + ch * taps;
+    std::vector<double> sums(taps, 0.0);
+    std::vector<float> phase_weight;
+    for (int64_t n = 0; n < G.n; ++n) {
+      int64_t item = n * G.c + ch;
+      pack_input(G, x + item * in_size, packed);
+      pack_output_grad(G, dy + item * out_size, grad);
+      const float* g = grad + G.margin;
+      weight_grad(sums.data(), g, packed, G.tap_offset.data(), taps, G.out_len);
+      for (int64_t p = 0; p < G.phases; ++p) {
+        phase_weight.clear();
+        for (int64_t k : phase_taps[p]) phase_weight.push_back(w[k]);
+        correlate(packed_dx + p * G.phase_size, g, phase_offsets[p].data(), phase_weight.data(),
+                  static_cast<int64_t>(phase_weight.size()), G.phase_size);
+      }
+      unpack_input_grad(G, packed_dx, dx + item * in_size);
+    }
+    for (int64_t k = 0; k < taps; ++k) dweight[ch * taps + k] = static_cast<float>(sums[k]);
+  });
+  return 0;
+}
