@@ -1,0 +1,12 @@
+"""Video data: Kinetics-400/600 and UCF101 in their published layouts, and a generated synthetic default.
+
+    from x3d_exp.data import build_loader, load_video_views, DataError, ensure_synthetic
+
+See `build_loader` for the columns of each split, `load_video_views` for single files (task=infer).
+"""
+
+from x3d_exp.data.errors import DataError
+from x3d_exp.data.loader import Loader, build_loader, load_video_views
+from x3d_exp.data.synthetic import ensure_synthetic
+
+__all__ = ["DataError", "Loader", "build_loader", "ensure_synthetic", "load_video_views"]

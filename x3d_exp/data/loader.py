@@ -1,0 +1,299 @@
+"""`build_loader`: annotation -> GeneratorDataset of decoded, augmented clips, batched.
+
+Randomness never depends on which worker process handles a sample: every sample draws from a generator seeded
+with (seed, epoch, video, attempt). The epoch reaches the workers inside the sample index itself: the training
+sampler emits `epoch * num_videos + video`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import mindspore.dataset as ds
+import numpy as np
+
+from x3d_exp.data.annotations import VideoList, load_split
+from x3d_exp.data.badlog import BadVideoLog
+from x3d_exp.data.errors import DataError
+from x3d_exp.data.transforms import normalise, test_crops, train_crop
+from x3d_exp.data.video import BadVideo, read_clips
+
+# A training slot whose video is bad takes another video; this many bad draws in a row means the data is broken.
+MAX_ATTEMPTS = 20
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    num_frames: int
+    sampling_rate: int
+    crop_size: int
+    test_crop_size: int
+    train_scale: Tuple[int, int]
+    target_fps: float
+    num_clips: int  # temporal clips per video (test split)
+    num_crops: int  # spatial crops per clip (test split)
+
+
+def train_clip(path: str, spec: ClipSpec, rng: np.random.Generator) -> np.ndarray:
+    """One augmented training clip [3, T, crop, crop] float32. Raises BadVideo."""
+    short_side = max(int(rng.integers(spec.train_scale[0], spec.train_scale[1] + 1)), spec.crop_size)
+    frames = read_clips(path, short_side, [float(rng.random())], num_frames=spec.num_frames,
+                        sampling_rate=spec.sampling_rate, target_fps=spec.target_fps)[0]
+    return normalise(train_crop(frames, spec.crop_size, rng))
+
+
+def eval_views(path: str, spec: ClipSpec, num_clips: int, num_crops: int) -> np.ndarray:
+    """Views [num_clips * num_crops, 3, T, S, S] float32 (S = test crop): clips spread uniformly over the video,
+    each cut into `num_crops` crops of the frame resized to short side S. Raises BadVideo."""
+    positions = [(i + 0.5) / num_clips for i in range(num_clips)]
+    clips = read_clips(path, spec.test_crop_size, positions, num_frames=spec.num_frames,
+                       sampling_rate=spec.sampling_rate, target_fps=spec.target_fps)
+    return normalise(test_crops(clips, spec.test_crop_size, num_crops))
+
+
+class TrainSource:
+    """Random-access source of (clip, label); index = epoch * num_videos + video."""
+
+    def __init__(self, videos: VideoList, spec: ClipSpec, seed: int, badlog: BadVideoLog):
+        self.paths, self.labels = videos.paths, videos.labels
+        self.spec, self.seed, self.badlog = spec, seed, badlog
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        epoch, video = divmod(int(index), len(self.paths))
+        for attempt in range(MAX_ATTEMPTS):
+            rng = np.random.default_rng([self.seed, epoch, video, attempt])
+            # A bad video's slot is refilled by a video drawn from the same seeded generator, so the
+            # replacement is the same in every run and whichever worker meets the bad file.
+            candidate = video if attempt == 0 else int(rng.integers(len(self.paths)))
+            path = self.paths[candidate]
+            if path in self.badlog:
+                continue
+            try:
+                clip = train_clip(path, self.spec, rng)
+            except BadVideo as bad:
+                self.badlog.record(path, bad.reason)
+                continue
+            return clip, np.int32(self.labels[candidate])
+        raise DataError(f"{MAX_ATTEMPTS} bad videos in a row while filling training slot {video}; "
+                        f"see {self.badlog.path}")
+
+
+class EvalSource:
+    """Random-access source of (clip, label, video_index), `views` rows per video, padded to full batches.
+
+    Padding rows and the rows of bad videos carry video_index -1 and an all-zero clip.
+    """
+
+    def __init__(self, videos: VideoList, video_ids: np.ndarray, spec: ClipSpec, num_clips: int, num_crops: int,
+                 rows: int, badlog: BadVideoLog):
+        self.paths, self.labels, self.video_ids = videos.paths, videos.labels, video_ids
+        self.spec, self.num_clips, self.num_crops = spec, num_clips, num_crops
+        self.views, self.rows, self.badlog = num_clips * num_crops, rows, badlog
+        size = spec.test_crop_size
+        self.blank = np.zeros((3, spec.num_frames, size, size), np.float32)
+        # A worker is handed consecutive views of one video in turn: decode each video once per worker.
+        self._cached: Tuple[int, Optional[np.ndarray]] = (-1, None)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def _video_views(self, video: int) -> Optional[np.ndarray]:
+        if self._cached[0] != video:
+            path = self.paths[video]
+            views = None
+            if path not in self.badlog:
+                try:
+                    views = eval_views(path, self.spec, self.num_clips, self.num_crops)
+                except BadVideo as bad:
+                    self.badlog.record(path, bad.reason)
+            self._cached = (video, views)
+        return self._cached[1]
+
+    def __getitem__(self, index):
+        slot, view = divmod(int(index), self.views)
+        if slot >= len(self.video_ids):
+            return self.blank, np.int32(0), np.int32(-1)
+        video = int(self.video_ids[slot])
+        label = np.int32(self.labels[video])
+        views = self._video_views(video)
+        if views is None:
+            return self.blank, label, np.int32(-1)
+        return views[view], label, np.int32(video)
+
+
+class EpochSampler(ds.Sampler):
+    """A fresh seeded permutation of all videos each epoch, cut into equal shards (wrapping to fill the last)."""
+
+    def __init__(self, num_videos: int, seed: int, shard_id: int, num_shards: int):
+        self.per_shard = math.ceil(num_videos / num_shards)
+        super().__init__(num_samples=self.per_shard)
+        self.num_videos, self.seed, self.shard_id, self.num_shards = num_videos, seed, shard_id, num_shards
+        self.epoch = 0
+
+    def __deepcopy__(self, memo):
+        # MindSpore deep-copies the pipeline for every iterator; sharing the sampler keeps the epoch count going
+        # when the engine makes a new iterator per epoch.
+        return self
+
+    def __iter__(self):
+        epoch = self.epoch
+        self.epoch += 1
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_videos)
+        order = np.resize(order, self.per_shard * self.num_shards)[self.shard_id::self.num_shards]
+        return iter((order + epoch * self.num_videos).tolist())
+
+
+class Loader:
+    """What the engine gets from `build_loader`; see x3d_exp.data for the contract."""
+
+    def __init__(self, dataset, split: str, num_videos: int, class_names: List[str], badlog: BadVideoLog,
+                 max_bad_fraction: float, sampler: Optional[EpochSampler] = None):
+        self.dataset = dataset
+        self.split = split
+        self.num_videos = num_videos
+        self.class_names = class_names
+        self.max_bad_fraction = max_bad_fraction
+        self.steps_per_epoch = dataset.get_dataset_size()
+        self._badlog = badlog
+        self._sampler = sampler
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def bad_log_path(self) -> str:
+        return self._badlog.path
+
+    def bad_videos(self) -> Dict[str, str]:
+        """{path: reason} of the distinct bad files met so far by any worker of this split and shard."""
+        return self._badlog.read()
+
+    def check_bad_fraction(self) -> None:
+        bad = self.bad_videos()
+        if len(bad) > self.max_bad_fraction * self.num_videos:
+            path, reason = next(iter(bad.items()))
+            raise DataError(f"{len(bad)} of {self.num_videos} {self.split} videos are bad, more than "
+                            f"data.max_bad_fraction={self.max_bad_fraction}: e.g. {path} ({reason}); "
+                            f"all listed in {self.bad_log_path}")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Continue the training order and augmentation at `epoch` (for resuming); eval splits ignore it."""
+        if self._sampler is not None:
+            self._sampler.epoch = epoch
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("X3D_EXP_CACHE") or Path.home() / ".cache" / "x3d_exp")
+
+
+def resolve_root(data_cfg) -> Path:
+    if data_cfg.name == "synthetic":
+        from x3d_exp.data.synthetic import ensure_synthetic
+
+        return ensure_synthetic(data_cfg)
+    if not data_cfg.root:
+        raise DataError(f"data.root is not set: point it at your {data_cfg.name} copy (data.root=/path)")
+    return Path(str(data_cfg.root)).expanduser()
+
+
+def _default_bad_log_dir() -> str:
+    path = tempfile.mkdtemp(prefix="x3d_exp_bad_videos_")
+    owner = os.getpid()
+
+    def remove():
+        # Only the process that made the folder removes it, should a forked worker ever run atexit hooks.
+        if os.getpid() == owner:
+            shutil.rmtree(path, ignore_errors=True)
+
+    atexit.register(remove)
+    return path
+
+
+def _check_sizes(num_frames, sampling_rate, crop_size, test_crop_size, train_scale) -> Tuple[int, int]:
+    for key, value in (("num_frames", num_frames), ("sampling_rate", sampling_rate), ("crop_size", crop_size),
+                       ("test_crop_size", test_crop_size)):
+        if int(value) < 1:
+            raise DataError(f"data.{key}={value}: must be >= 1")
+    scale = [int(s) for s in train_scale]
+    if len(scale) != 2 or not 1 <= scale[0] <= scale[1]:
+        raise DataError(f"data.train_scale={scale}: must be [min, max] short-side sizes with min <= max")
+    return scale[0], scale[1]
+
+
+def build_loader(data_cfg, split: str, *, num_frames: int, sampling_rate: int, crop_size: int,
+                 test_crop_size: int, train_scale: Sequence[int], seed: int = 0, shard_id: int = 0,
+                 num_shards: int = 1, bad_log_dir: Optional[str] = None, batch_size: Optional[int] = None,
+                 drop_remainder: Optional[bool] = None) -> Loader:
+    """The batched dataset of one split. Raises DataError for any problem with the data's location or annotation.
+
+    train: ("clip" [B,3,T,crop,crop] float32, "label" [B] int32), a new seeded order and augmentation per epoch.
+    val:   ("clip" [B,3,T,S,S], "label", "video_index" [B] int32), the centre clip's centre crop, S = test crop.
+    test:  the same columns, one row per view: test_num_clips x test_num_crops consecutive rows per video.
+    Eval splits are padded to whole batches; padding and bad videos have video_index -1.
+    """
+    if not 0 <= shard_id < num_shards:
+        raise DataError(f"shard_id={shard_id}: must be in [0, num_shards={num_shards})")
+    scale = _check_sizes(num_frames, sampling_rate, crop_size, test_crop_size, train_scale)
+    root = resolve_root(data_cfg)
+    videos = load_split(data_cfg.format, root, split, annotation_prefix=data_cfg.annotation_prefix,
+                        num_classes=int(data_cfg.num_classes), fold=int(data_cfg.split))
+    spec = ClipSpec(int(num_frames), int(sampling_rate), int(crop_size), int(test_crop_size), scale,
+                    float(data_cfg.target_fps), int(data_cfg.test_num_clips), int(data_cfg.test_num_crops))
+    training = split == "train"
+    if batch_size is None:
+        batch_size = data_cfg.batch_size if training else (data_cfg.eval_batch_size or data_cfg.batch_size)
+    batch_size = int(batch_size)
+    if drop_remainder is None:
+        drop_remainder = training
+    if bad_log_dir:
+        os.makedirs(bad_log_dir, exist_ok=True)
+    log_dir = str(bad_log_dir) if bad_log_dir else _default_bad_log_dir()
+    badlog = BadVideoLog(os.path.join(log_dir, f"bad_videos_{split}_shard{shard_id}of{num_shards}.jsonl"))
+
+    workers = int(data_cfg.num_workers)
+    sampler = None
+    if training:
+        sampler = EpochSampler(len(videos), seed, shard_id, num_shards)
+        num_videos = sampler.per_shard
+        if drop_remainder and num_videos < batch_size:
+            raise DataError(f"{videos.annotation}: {num_videos} training videos per shard, fewer than "
+                            f"data.batch_size={batch_size}")
+        source = TrainSource(videos, spec, seed, badlog)
+        columns = ["clip", "label"]
+    else:
+        video_ids = np.arange(shard_id, len(videos), num_shards, dtype=np.int64)
+        num_videos = len(video_ids)
+        num_clips, num_crops = (spec.num_clips, spec.num_crops) if split == "test" else (1, 1)
+        rows = num_videos * num_clips * num_crops
+        rows = math.ceil(rows / batch_size) * batch_size
+        source = EvalSource(videos, video_ids, spec, num_clips, num_crops, rows, badlog)
+        columns = ["clip", "label", "video_index"]
+
+    # Rows buffered ahead between pipeline stages (a global MindSpore setting: the last loader built sets it).
+    ds.config.set_prefetch_size(max(1, int(data_cfg.prefetch)) * batch_size)
+    dataset = ds.GeneratorDataset(source, column_names=columns, sampler=sampler, shuffle=None if training else False,
+                                  num_parallel_workers=max(1, workers), python_multiprocessing=workers > 0)
+    dataset = dataset.batch(batch_size, drop_remainder=bool(drop_remainder))
+    return Loader(dataset, split, num_videos, videos.class_names, badlog, float(data_cfg.max_bad_fraction), sampler)
+
+
+def load_video_views(path, *, num_frames: int, sampling_rate: int, test_crop_size: int, num_clips: int,
+                     num_crops: int, target_fps: float = 30) -> np.ndarray:
+    """All test views [num_clips * num_crops, 3, T, S, S] float32 of one file (task=infer). Raises DataError."""
+    spec = ClipSpec(int(num_frames), int(sampling_rate), int(test_crop_size), int(test_crop_size),
+                    (int(test_crop_size), int(test_crop_size)), float(target_fps), int(num_clips), int(num_crops))
+    try:
+        return eval_views(str(path), spec, spec.num_clips, spec.num_crops)
+    except BadVideo as bad:
+        raise DataError(f"{path}: {bad.reason}") from None

@@ -1,0 +1,48 @@
+"""Crops, flips and normalisation on whole clips at once (numpy slicing and broadcasting only)."""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import numpy as np
+
+MEAN = (0.45, 0.45, 0.45)
+STD = (0.225, 0.225, 0.225)
+# (x / 255 - mean) / std as one multiply-add per element.
+_SCALE = np.asarray([1.0 / (255.0 * s) for s in STD], np.float32)
+_SHIFT = np.asarray([-m / s for m, s in zip(MEAN, STD)], np.float32)
+
+
+def normalise(frames: np.ndarray) -> np.ndarray:
+    """uint8 [..., T, H, W, 3] -> float32 [..., 3, T, H, W], mean/std normalised."""
+    out = frames.astype(np.float32) * _SCALE + _SHIFT
+    return np.ascontiguousarray(np.moveaxis(out, -1, -4))
+
+
+def train_crop(frames: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
+    """Random `crop`x`crop` window and a horizontal flip with p=0.5 of frames [T, H, W, 3]."""
+    height, width = frames.shape[1:3]
+    top = int(rng.integers(0, height - crop + 1))
+    left = int(rng.integers(0, width - crop + 1))
+    clip = frames[:, top:top + crop, left:left + crop]
+    if rng.random() < 0.5:
+        clip = clip[:, :, ::-1]
+    return clip
+
+
+def test_crop_offsets(height: int, width: int, crop: int, num_crops: int) -> List[Tuple[int, int]]:
+    """(top, left) of the centre crop, or of three crops spread along the longer side (PySlowFast order)."""
+    centre = ((height - crop) // 2, (width - crop) // 2)
+    if num_crops == 1:
+        return [centre]
+    if width >= height:
+        return [(centre[0], 0), centre, (centre[0], width - crop)]
+    return [(0, centre[1]), centre, (height - crop, centre[1])]
+
+
+def test_crops(clips: np.ndarray, crop: int, num_crops: int) -> np.ndarray:
+    """Clips [N, T, H, W, 3] -> views [N * num_crops, T, crop, crop, 3], clip-major."""
+    height, width = clips.shape[2:4]
+    views = [clips[:, :, top:top + crop, left:left + crop]
+             for top, left in test_crop_offsets(height, width, crop, num_crops)]
+    return np.stack(views, axis=1).reshape(-1, *views[0].shape[1:])

@@ -1,0 +1,118 @@
+"""Decoding with decord: only the frames a clip needs, already resized by the decoder.
+
+Resizing inside decord (`VideoReader(width=, height=)`, ffmpeg's scaler on each returned frame) measured faster
+than decoding at full size and resizing in numpy (see /work/notes/data.md), but it needs the frame size before
+the reader is opened; a PyAV header probe gives it for ~3 ms and is cached per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional, Sequence, Tuple
+
+import av
+import decord
+import numpy as np
+
+# decord 0.6.0 fails ("DECORDArrayCopyFromTo: The size must exactly match") on frames of exactly these widths,
+# resized or native (found by trying every width up to 1300): such frames are decoded one column wider instead.
+_DECORD_BAD_WIDTHS = frozenset({2, 3, 4, 6, 8, 12, 16, 24, 48, 72})
+# decord otherwise prints ffmpeg's complaints about every bad file; the loader logs one line per bad file itself.
+decord.logging.set_level(decord.logging.QUIET)
+
+
+class BadVideo(Exception):
+    """A file that cannot give a clip; `reason` is a short human explanation."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _first_line(err: BaseException) -> str:
+    text = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    return text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def probe_size(path: str) -> Tuple[int, int]:
+    """(height, width) of the first video stream, from the container header."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise BadVideo("missing file") from None
+    except OSError as err:
+        raise BadVideo(f"cannot stat: {_first_line(err)}") from None
+    if size == 0:
+        raise BadVideo("empty file (0 bytes)")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise BadVideo("no video stream (zero frames)")
+            codec = container.streams.video[0].codec_context
+            height, width = codec.height, codec.width
+    except BadVideo:
+        raise
+    except Exception as err:  # any container failure means the file is unusable, whatever ffmpeg calls it
+        raise BadVideo(f"not a readable video: {_first_line(err)}") from None
+    if height <= 0 or width <= 0:
+        raise BadVideo(f"invalid frame size {width}x{height}")
+    return height, width
+
+
+def short_side_size(height: int, width: int, short_side: int) -> Tuple[int, int]:
+    """(h, w) with the shorter side equal to `short_side` and the aspect ratio kept."""
+    if height <= width:
+        return short_side, max(short_side, int(round(width * short_side / height)))
+    return max(short_side, int(round(height * short_side / width))), short_side
+
+
+def clip_frame_indices(video_frames: int, video_fps: float, num_frames: int, sampling_rate: int,
+                       target_fps: float, position: float) -> np.ndarray:
+    """Frame indices of one clip, PySlowFast style.
+
+    A clip covers `num_frames * sampling_rate` frames of a `target_fps` video, so in this video the step is
+    `sampling_rate * video_fps / target_fps` frames. `position` in [0, 1] places the window between the first
+    and the last possible start. A video shorter than the window loops.
+    """
+    step = sampling_rate * video_fps / target_fps
+    delta = max(video_frames - step * num_frames, 0.0)
+    start = delta * position
+    return np.floor(start + step * np.arange(num_frames)).astype(np.int64) % video_frames
+
+
+def read_clips(path: str, short_side: Optional[int], positions: Sequence[float], *, num_frames: int,
+               sampling_rate: int, target_fps: float) -> np.ndarray:
+    """Clips [len(positions), T, h, w, 3] uint8 of one video, short side resized to `short_side` (None: native).
+
+    All clips come from one `get_batch` of the distinct frames they need. Raises BadVideo.
+    """
+    height, width = probe_size(path)
+    out_h, out_w = short_side_size(height, width, short_side) if short_side else (height, width)
+    decode_w = out_w
+    while decode_w in _DECORD_BAD_WIDTHS:
+        decode_w += 1
+    resize = (out_h, decode_w) != (height, width)
+    try:
+        reader = decord.VideoReader(path, width=decode_w if resize else -1, height=out_h if resize else -1,
+                                    num_threads=1)
+        video_frames = len(reader)
+        if video_frames <= 0:
+            raise BadVideo("zero frames")
+        fps = reader.get_avg_fps()
+        if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+            fps = target_fps
+        indices = np.concatenate([clip_frame_indices(video_frames, fps, num_frames, sampling_rate, target_fps, p)
+                                  for p in positions])
+        wanted, inverse = np.unique(indices, return_inverse=True)
+        frames = reader.get_batch(wanted.tolist()).asnumpy()
+    except BadVideo:
+        raise
+    except Exception as err:  # decord raises RuntimeError / DECORDError / IndexError for broken streams
+        raise BadVideo(f"decode failed: {_first_line(err)}") from None
+    if frames.shape != (len(wanted), out_h, decode_w, 3):
+        raise BadVideo(f"decoder returned frames {frames.shape}, expected {(len(wanted), out_h, decode_w, 3)}")
+    frames = frames[inverse, :, :out_w]
+    return frames.reshape(len(positions), num_frames, *frames.shape[1:])
