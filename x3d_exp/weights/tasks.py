@@ -1,0 +1,102 @@
+"""`task=convert` and `task=export`: each returns the dict printed as the run's final JSON line."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from omegaconf import DictConfig
+
+from x3d_exp.weights.convert import (FORMATS, WeightsError, checkpoint_num_classes, convert_state_dict, detect_format,
+                                     extract_state_dict, load_params, read_params, save_params)
+from x3d_exp.weights.export import EXPORT_FORMATS, export_model, verify_export
+from x3d_exp.weights.torch_pickle import CheckpointError, load_torch_checkpoint
+
+# Float32 graphs in another runtime reorder sums: allow that much, relative to the largest logit.
+EXPORT_TOLERANCE = 1e-4
+
+
+def _user_error(message: str) -> Exception:
+    # Imported here: x3d_exp.tasks imports this module to build its TASKS table.
+    from x3d_exp.tasks import UserError
+
+    return UserError(message)
+
+
+def _option(cfg: DictConfig, section: str, key: str, default=None):
+    value = cfg.get(section, {}).get(key, default)
+    return default if value is None else value
+
+
+def _build(cfg: DictConfig, num_classes: int):
+    from x3d_exp.models import build_model
+    from x3d_exp.tasks import model_kwargs
+
+    return build_model(cfg.model.name, num_classes=num_classes, **model_kwargs(cfg))
+
+
+def task_convert(cfg: DictConfig) -> dict:
+    """PyTorch X3D checkpoint (`convert.src`) -> MindSpore .ckpt (`convert.dst`) for the model `model=` builds.
+
+    The class count is the checkpoint's own (its classifier's rows), not `data.num_classes`: a Kinetics-400
+    checkpoint converts to a 400-class model whatever dataset is configured.
+    """
+    src = _option(cfg, "convert", "src")
+    if not src:
+        raise _user_error("convert.src: give the PyTorch checkpoint to convert (convert.src=X3D_M.pyth)")
+    if not os.path.isfile(src):
+        raise _user_error(f"convert.src={src}: no such file")
+    dst = _option(cfg, "convert", "dst") or os.path.splitext(src)[0] + ".ckpt"
+    fmt = str(_option(cfg, "convert", "format", "auto"))
+    try:
+        state = extract_state_dict(load_torch_checkpoint(src))
+        fmt = detect_format(state) if fmt == "auto" else fmt
+        if fmt not in FORMATS:
+            raise WeightsError(f"convert.format={fmt}: choose auto or one of {', '.join(FORMATS)}")
+        num_classes = checkpoint_num_classes(state, fmt)
+        network = _build(cfg, num_classes or int(cfg.data.num_classes))
+        conversion = convert_state_dict(state, network, fmt)
+        save_params(conversion.params, dst)
+    except (CheckpointError, WeightsError) as err:
+        raise _user_error(f"convert.src={src}: {err}") from None
+    return {"task": "convert", "src": src, "dst": dst, "format": conversion.format, "model": cfg.model.name,
+            "num_classes": int(network.spec.num_classes), "params": len(conversion.params),
+            "identity_bn": conversion.identity_bn, "dropped": len(conversion.dropped)}
+
+
+def task_export(cfg: DictConfig) -> dict:
+    """Network of `model=` with the weights of `ckpt` -> `export.dst` (MINDIR or ONNX), checked by running it.
+
+    With `ckpt` the class count is the checkpoint's; without, `data.num_classes` (and random weights).
+    `export.input_shape` defaults to one clip at the training crop: [1, 3, T, crop, crop].
+    """
+    fmt = str(_option(cfg, "export", "format", "MINDIR")).upper()
+    if fmt not in EXPORT_FORMATS:
+        raise _user_error(f"export.format={fmt}: choose one of {', '.join(EXPORT_FORMATS)}")
+    ckpt = cfg.get("ckpt")
+    try:
+        if ckpt and not os.path.isfile(ckpt):
+            raise WeightsError("no such file")
+        params = read_params(ckpt) if ckpt else None
+        num_classes = params["head.proj.weight"].shape[0] if params and "head.proj.weight" in params else None
+        network = _build(cfg, num_classes or int(cfg.data.num_classes))
+        if params is not None:
+            load_params(network, params)
+        spec = network.spec
+        shape = [int(d) for d in _option(cfg, "export", "input_shape",
+                                         [1, 3, spec.num_frames, spec.crop_size, spec.crop_size])]
+        if len(shape) != 5 or shape[1] != 3 or min(shape) < 1:
+            raise _user_error(f"export.input_shape={shape}: must be [N, 3, T, H, W]")
+        dst = _option(cfg, "export", "dst") or (os.path.splitext(ckpt)[0] if ckpt else cfg.model.name)
+        path = export_model(network, shape, dst, fmt)
+        result = {"task": "export", "format": fmt, "dst": path, "model": cfg.model.name, "ckpt": ckpt,
+                  "num_classes": int(spec.num_classes), "input_shape": shape}
+        if _option(cfg, "export", "verify", True):
+            inputs = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+            diff, scale = verify_export(network, path, inputs)
+            result["max_abs_diff"] = diff
+            if diff > EXPORT_TOLERANCE * max(1.0, scale):
+                raise WeightsError(f"{path} gives outputs {diff:.3g} away from the network's")
+    except (CheckpointError, WeightsError) as err:
+        raise _user_error(f"ckpt={ckpt}: {err}" if ckpt else str(err)) from None
+    return result
