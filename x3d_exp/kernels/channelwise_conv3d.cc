@@ -17,6 +17,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <mutex>
 #include <sched.h>
 #include <thread>
@@ -48,16 +51,36 @@ inline Vec load(const float* p) {
 
 inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
 
-inline Vec splat(float x) {
-  Vec v;
-  for (int i = 0; i < kLanes; ++i) v[i] = x;
-  return v;
-}
+inline Vec splat(float x) { return Vec{} + x; }
 
 inline float hsum(Vec v) {
   float s = 0.f;
   for (int i = 0; i < kLanes; ++i) s += v[i];
   return s;
+}
+
+// Rows are often 5 to 40 floats: a masked vector beats a libc call per row.
+inline void copy_row(float* dst, const float* src, int64_t n) {
+#if defined(__AVX512F__)
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_loadu_ps(src + i));
+  if (i < n) {
+    __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(dst + i, m, _mm512_maskz_loadu_ps(m, src + i));
+  }
+#else
+  std::memcpy(dst, src, sizeof(float) * n);
+#endif
+}
+
+inline void zero_row(float* dst, int64_t n) {
+#if defined(__AVX512F__)
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_setzero_ps());
+  if (i < n) _mm512_mask_storeu_ps(dst + i, static_cast<__mmask16>((1u << (n - i)) - 1), _mm512_setzero_ps());
+#else
+  std::memset(dst, 0, sizeof(float) * n);
+#endif
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -156,65 +179,108 @@ void weight_grad(double* sums, const float* grad, const float* src, const int64_
 
 // --------------------------------------------------------- pack / unpack
 
-void pack_input(const Geometry& G, const float* x, float* packed) {
-  std::memset(packed, 0, sizeof(float) * (G.phases * G.phase_size + G.slack));
-  for (int64_t t = 0; t < G.t; ++t) {
-    int64_t f = t + G.pf;
-    for (int64_t h = 0; h < G.h; ++h) {
-      int64_t y = h + G.pt;
-      const float* row = x + (t * G.h + h) * G.w;
-      if (G.phases == 1) {
-        std::memcpy(packed + f * G.plane + y * G.wq + G.pl, row, sizeof(float) * G.w);
-        continue;
-      }
-      for (int64_t w = 0; w < G.w; ++w) {
-        int64_t xx = w + G.pl;
-        int64_t phase = (y % G.sh) * G.sw + xx % G.sw;
-        packed[phase * G.phase_size + f * G.plane + (y / G.sh) * G.wq + xx / G.sw] = row[w];
-      }
+// Row of the padded input (prow, wq * sw long) -> its sw phase rows, and back.
+// Stride 2 gets its own loop so the compiler can vectorise the (de)interleave.
+void split_row(const float* prow, float* dst, int64_t phase_size, int64_t wq, int64_t sw) {
+  if (sw == 2) {
+    float* even = dst;
+    float* odd = dst + phase_size;
+    for (int64_t j = 0; j < wq; ++j) {
+      even[j] = prow[2 * j];
+      odd[j] = prow[2 * j + 1];
     }
+    return;
   }
+  for (int64_t b = 0; b < sw; ++b)
+    for (int64_t j = 0; j < wq; ++j) dst[b * phase_size + j] = prow[j * sw + b];
+}
+
+void merge_row(const float* src, float* prow, int64_t phase_size, int64_t wq, int64_t sw) {
+  if (sw == 2) {
+    const float* even = src;
+    const float* odd = src + phase_size;
+    for (int64_t j = 0; j < wq; ++j) {
+      prow[2 * j] = even[j];
+      prow[2 * j + 1] = odd[j];
+    }
+    return;
+  }
+  for (int64_t b = 0; b < sw; ++b)
+    for (int64_t j = 0; j < wq; ++j) prow[j * sw + b] = src[b * phase_size + j];
+}
+
+float* scratch(int slot, int64_t floats);
+
+// Padded volume split into stride phases (see the top of the file). Writes
+// every element once, padding included, so the buffer needs no clearing.
+void pack_input(const Geometry& G, const float* x, float* packed) {
+  float* prow = G.sw > 1 ? scratch(3, G.wq * G.sw) : nullptr;
+  for (int64_t a = 0; a < G.sh; ++a)
+    for (int64_t f = 0; f < G.tp; ++f)
+      for (int64_t yq = 0; yq < G.hq; ++yq) {
+        float* dst = packed + a * G.sw * G.phase_size + f * G.plane + yq * G.wq;
+        int64_t t = f - G.pf, h = yq * G.sh + a - G.pt;
+        if (t < 0 || t >= G.t || h < 0 || h >= G.h) {
+          for (int64_t b = 0; b < G.sw; ++b) zero_row(dst + b * G.phase_size, G.wq);
+          continue;
+        }
+        const float* row = x + (t * G.h + h) * G.w;
+        float* target = G.sw > 1 ? prow : dst;
+        zero_row(target, G.pl);
+        copy_row(target + G.pl, row, G.w);
+        zero_row(target + G.pl + G.w, G.wq * G.sw - G.pl - G.w);
+        if (G.sw > 1) split_row(prow, dst, G.phase_size, G.wq, G.sw);
+      }
+  zero_row(packed + G.phases * G.phase_size, G.slack);
 }
 
 void unpack_input_grad(const Geometry& G, const float* packed, float* dx) {
-  for (int64_t t = 0; t < G.t; ++t) {
-    int64_t f = t + G.pf;
+  float* prow = G.sw > 1 ? scratch(3, G.wq * G.sw) : nullptr;
+  for (int64_t t = 0; t < G.t; ++t)
     for (int64_t h = 0; h < G.h; ++h) {
       int64_t y = h + G.pt;
+      const float* src = packed + (y % G.sh) * G.sw * G.phase_size + (t + G.pf) * G.plane + (y / G.sh) * G.wq;
       float* row = dx + (t * G.h + h) * G.w;
-      if (G.phases == 1) {
-        std::memcpy(row, packed + f * G.plane + y * G.wq + G.pl, sizeof(float) * G.w);
+      if (G.sw == 1) {
+        copy_row(row, src + G.pl, G.w);
         continue;
       }
-      for (int64_t w = 0; w < G.w; ++w) {
-        int64_t xx = w + G.pl;
-        int64_t phase = (y % G.sh) * G.sw + xx % G.sw;
-        row[w] = packed[phase * G.phase_size + f * G.plane + (y / G.sh) * G.wq + xx / G.sw];
-      }
+      merge_row(src, prow, G.phase_size, G.wq, G.sw);
+      copy_row(row, prow + G.pl, G.w);
     }
-  }
 }
 
 // Output (or its gradient) in packed coordinates: index ot*st*plane + oh*wq + ow.
 void unpack_output(const Geometry& G, const float* packed, float* y) {
   for (int64_t ot = 0; ot < G.to; ++ot)
     for (int64_t oh = 0; oh < G.ho; ++oh)
-      std::memcpy(y + (ot * G.ho + oh) * G.wo, packed + ot * G.st * G.plane + oh * G.wq, sizeof(float) * G.wo);
+      copy_row(y + (ot * G.ho + oh) * G.wo, packed + ot * G.st * G.plane + oh * G.wq, G.wo);
 }
 
 // Zeros everywhere but the real outputs: the gradient loops rely on reading
 // zeros past row ends, frame ends and both ends of the volume.
 void pack_output_grad(const Geometry& G, const float* dy, float* packed) {
-  std::memset(packed, 0, sizeof(float) * (G.margin + G.phase_size + G.slack));
+  zero_row(packed, G.margin);
   float* base = packed + G.margin;
-  for (int64_t ot = 0; ot < G.to; ++ot)
-    for (int64_t oh = 0; oh < G.ho; ++oh)
-      std::memcpy(base + ot * G.st * G.plane + oh * G.wq, dy + (ot * G.ho + oh) * G.wo, sizeof(float) * G.wo);
+  for (int64_t slot = 0; slot < G.tp; ++slot) {
+    int64_t ot = slot / G.st;
+    bool real = slot % G.st == 0 && ot < G.to;
+    for (int64_t yq = 0; yq < G.hq; ++yq) {
+      float* dst = base + slot * G.plane + yq * G.wq;
+      if (!real || yq >= G.ho) {
+        zero_row(dst, G.wq);
+        continue;
+      }
+      copy_row(dst, dy + (ot * G.ho + yq) * G.wo, G.wo);
+      zero_row(dst + G.wo, G.wq - G.wo);
+    }
+  }
+  zero_row(base + G.phase_size, G.slack);
 }
 
 // Per-thread scratch, grown on demand and kept between calls.
 float* scratch(int slot, int64_t floats) {
-  thread_local std::vector<float> buffers[3];
+  thread_local std::vector<float> buffers[4];
   std::vector<float>& b = buffers[slot];
   if (static_cast<int64_t>(b.size()) < floats) b.resize(floats);
   return b.data();

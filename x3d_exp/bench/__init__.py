@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m x3d_exp.bench.speed` (needs the `bench` extra for the PyTorch reference)."""
