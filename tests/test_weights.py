@@ -14,6 +14,7 @@ os.environ.setdefault("GLOG_v", "3")
 
 import pickle  # noqa: E402
 import re  # noqa: E402
+import struct  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
 import zipfile  # noqa: E402
@@ -91,6 +92,31 @@ def test_refuses_pickle_that_calls_os_system(tmp_path, layout):
         task_convert(cfg)
     assert not marker.exists()
     assert not (tmp_path / "out.ckpt").exists()
+
+
+def _text(value):
+    data = value.encode()
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def test_refuses_pickle_that_rewrites_a_tensor(tmp_path):
+    """A tensor of 4 floats whose stride a BUILD opcode then turns negative, to read memory before its storage."""
+    storage = b"(" + _text("storage") + b"ctorch\nFloatStorage\n" + _text("0") + _text("cpu") + b"K\x04tQ"
+    args = (b"(" + storage + b"K\x00" + b"K\x04\x85" + b"K\x01\x85" + b"\x89"
+            + b"ccollections\nOrderedDict\n)Rt")
+    payload = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n" + args + b"R"
+               + b"}" + _text("stride") + b"J" + struct.pack("<i", -100000) + b"\x85s" + b"b.")
+    path = tmp_path / "stretched.pyth"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", payload)
+        archive.writestr("archive/data/0", np.arange(4, dtype=np.float32).tobytes())
+    with pytest.raises(UnsafeCheckpointError, match="overwrite"):
+        load_torch_checkpoint(str(path))
+    # The same file without the BUILD is a valid tensor.
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n" + args + b"R.")
+        archive.writestr("archive/data/0", np.arange(4, dtype=np.float32).tobytes())
+    np.testing.assert_array_equal(load_torch_checkpoint(str(path)), np.arange(4, dtype=np.float32))
 
 
 def test_rejects_files_that_are_not_checkpoints(tmp_path):

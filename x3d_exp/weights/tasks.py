@@ -56,9 +56,12 @@ def task_convert(cfg: DictConfig) -> dict:
         num_classes = checkpoint_num_classes(state, fmt)
         network = _build(cfg, num_classes or int(cfg.data.num_classes))
         conversion = convert_state_dict(state, network, fmt)
-        save_params(conversion.params, dst)
-    except (CheckpointError, WeightsError) as err:
+    except (CheckpointError, WeightsError, OSError) as err:
         raise _user_error(f"convert.src={src}: {err}") from None
+    try:
+        save_params(conversion.params, dst)
+    except (WeightsError, OSError) as err:
+        raise _user_error(f"convert.dst={dst}: {err}") from None
     return {"task": "convert", "src": src, "dst": dst, "format": conversion.format, "model": cfg.model.name,
             "num_classes": int(network.spec.num_classes), "params": len(conversion.params),
             "identity_bn": conversion.identity_bn, "dropped": len(conversion.dropped)}
@@ -97,6 +100,6 @@ def task_export(cfg: DictConfig) -> dict:
             result["max_abs_diff"] = diff
             if diff > EXPORT_TOLERANCE * max(1.0, scale):
                 raise WeightsError(f"{path} gives outputs {diff:.3g} away from the network's")
-    except (CheckpointError, WeightsError) as err:
+    except (CheckpointError, WeightsError, OSError) as err:
         raise _user_error(f"ckpt={ckpt}: {err}" if ckpt else str(err)) from None
     return result

@@ -34,8 +34,16 @@ class UnsafeCheckpointError(CheckpointError):
     """The pickle names a global outside the allow-list (it may try to run code)."""
 
 
+class _Sealed:
+    """A reader object a pickle may pass around but never modify: pickle's BUILD would otherwise overwrite
+    fields this module has checked (a tensor's size and stride bound what as_strided reads)."""
+
+    def __setstate__(self, state):
+        raise UnsafeCheckpointError("the checkpoint tries to overwrite the state of a tensor or storage")
+
+
 @dataclass(frozen=True)
-class _StorageType:
+class _StorageType(_Sealed):
     name: str
     dtype: np.dtype
 
@@ -48,7 +56,7 @@ _STORAGE_DTYPES = {
 }
 
 
-class _Storage:
+class _Storage(_Sealed):
     """One storage record; its bytes are read on first use."""
 
     def __init__(self, storage_type: _StorageType, numel: int, read: Optional[Callable[[], bytes]] = None,
@@ -75,7 +83,7 @@ class _Storage:
         return self._array
 
 
-class _StorageView:
+class _StorageView(_Sealed):
     """A legacy-format storage that starts `offset` elements into another one."""
 
     def __init__(self, base: _Storage, offset: int, numel: int):
@@ -89,31 +97,29 @@ class _StorageView:
         return base[self._offset:self._offset + self.numel]
 
 
-class _TensorRef:
+class _TensorRef(_Sealed):
     """A tensor to build once its storage can be read (legacy files store the bytes after the pickle)."""
 
     def __init__(self, storage, offset, size, stride):
-        if not isinstance(storage, (_Storage, _StorageView)):
-            raise CheckpointError(f"tensor rebuilt from {type(storage).__name__}, not a storage")
-        for value in (offset, *size, *stride):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise CheckpointError(f"tensor with offset {offset}, size {size}, stride {stride}")
-        if len(size) != len(stride):
-            raise CheckpointError(f"tensor size {size} and stride {stride} differ in length")
-        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
     def build(self) -> np.ndarray:
+        # Checked here, at the one place they are used: as_strided reads whatever memory they point it at.
+        if not isinstance(self.storage, (_Storage, _StorageView)):
+            raise CheckpointError(f"tensor rebuilt from {type(self.storage).__name__}, not a storage")
+        size, stride = self.size, self.stride
+        if (not isinstance(size, tuple) or not isinstance(stride, tuple) or len(size) != len(stride)
+                or any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in (self.offset, *size, *stride))):
+            raise CheckpointError(f"tensor with offset {self.offset!r}, size {size!r}, stride {stride!r}")
         flat = self.storage.array()
-        if 0 in self.size:
-            out = np.zeros(self.size, dtype=flat.dtype)
+        if 0 in size:
+            out = np.zeros(size, dtype=flat.dtype)
         else:
-            # Bounds are checked here: as_strided would otherwise read any memory the file points it at.
-            last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
+            last = self.offset + sum((n - 1) * s for n, s in zip(size, stride))
             if last >= flat.size:
-                raise CheckpointError(f"tensor of size {self.size} reaches element {last} of a storage of {flat.size}")
-            view = np.lib.stride_tricks.as_strided(
-                flat[self.offset:], shape=self.size, strides=[s * flat.itemsize for s in self.stride],
-                writeable=False)
+                raise CheckpointError(f"tensor of size {size} reaches element {last} of a storage of {flat.size}")
+            view = np.lib.stride_tricks.as_strided(flat[self.offset:], shape=size,
+                                                   strides=[s * flat.itemsize for s in stride], writeable=False)
             out = np.array(view)
         if self.storage.type.name == "BFloat16Storage":
             out = (out.astype(np.uint32) << 16).view(np.float32)
@@ -155,8 +161,8 @@ def _numpy_dtype(spec, align=False, copy=False):
 
 
 def _numpy_scalar(dtype, data=None):
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
-        raise UnsafeCheckpointError("numpy scalar of an object dtype or without raw bytes")
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc" or dtype.fields or not isinstance(data, bytes):
+        raise UnsafeCheckpointError(f"numpy scalar of dtype {dtype!r} is not allowed (plain numbers only)")
     return np.frombuffer(data, dtype=dtype, count=1)[0]
 
 
@@ -293,8 +299,15 @@ def _load_legacy(stream) -> Any:
 
 def load_torch_checkpoint(path: str) -> Any:
     """The object `torch.save` wrote to `path`, tensors as numpy arrays. Never executes code from the file."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            return _load_zip(archive)
-    with open(path, "rb") as stream:
-        return _load_legacy(stream)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                return _load_zip(archive)
+        with open(path, "rb") as stream:
+            return _load_legacy(stream)
+    except CheckpointError:
+        raise
+    # Whatever a truncated or hand-edited file makes the parser trip over.
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, struct.error, TypeError, ValueError, KeyError,
+            IndexError) as err:
+        raise CheckpointError(f"damaged or unsupported checkpoint ({type(err).__name__}: {err})") from None
