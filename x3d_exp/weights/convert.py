@@ -257,7 +257,9 @@ def read_params(path: str) -> Dict[str, np.ndarray]:
     try:
         loaded = ms.load_checkpoint(path)
     except (ValueError, RuntimeError, OSError) as err:
-        raise WeightsError(f"{path}: not a readable MindSpore checkpoint ({err})") from None
+        hint = (f"; convert PyTorch weights first: task=convert convert.src={path}"
+                if path.endswith((".pyth", ".pth", ".pt")) else "")
+        raise WeightsError(f"{path}: not a readable MindSpore checkpoint ({err}){hint}") from None
     return {k: v.asnumpy() for k, v in loaded.items()}
 
 

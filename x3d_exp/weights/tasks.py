@@ -32,7 +32,8 @@ def _build(cfg: DictConfig, num_classes: int):
     from x3d_exp.models import build_model
     from x3d_exp.tasks import model_kwargs
 
-    return build_model(cfg.model.name, num_classes=num_classes, **model_kwargs(cfg))
+    # MindSpore's own Conv3d: custom CPU kernels would tie an exported file to a local .so (and rename nothing).
+    return build_model(cfg.model.name, num_classes=num_classes, **{**model_kwargs(cfg), "conv_impl": "native"})
 
 
 def task_convert(cfg: DictConfig) -> dict:
