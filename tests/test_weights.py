@@ -250,8 +250,9 @@ _SLOWFAST_PARTS = [("branch1_conv.", "branch1."), ("branch1_norm.", "branch1_bn.
                    ("branch2.norm_b.0.", "branch2.b_bn."), ("branch2.norm_b.1.block.0.", "branch2.se.fc1."),
                    ("branch2.norm_b.1.block.2.", "branch2.se.fc2."), ("branch2.conv_c.", "branch2.c."),
                    ("branch2.norm_c.", "branch2.c_bn.")]
-_SLOWFAST_FIXED = {"blocks.0.conv.conv_t.": "s1.pathway0_stem.conv_xy.", "blocks.0.conv.conv_xy.": "s1.pathway0_stem.conv.",
-                   "blocks.0.norm.": "s1.pathway0_stem.bn.", "blocks.5.pool.pre_conv.": "head.conv_5.",
+_SLOWFAST_FIXED = {"blocks.0.conv.conv_t.": "s1.pathway0_stem.conv_xy.",
+                   "blocks.0.conv.conv_xy.": "s1.pathway0_stem.conv.", "blocks.0.norm.": "s1.pathway0_stem.bn.",
+                   "blocks.5.pool.pre_conv.": "head.conv_5.",
                    "blocks.5.pool.pre_norm.": "head.conv_5_bn.", "blocks.5.pool.post_conv.": "head.lin_5.",
                    "blocks.5.proj.": "head.projection."}
 _MMACTION_PARTS = [("branch1_conv.", "downsample.conv."), ("branch1_norm.", "downsample.bn."),
@@ -259,8 +260,9 @@ _MMACTION_PARTS = [("branch1_conv.", "downsample.conv."), ("branch1_norm.", "dow
                    ("branch2.conv_b.", "conv2.conv."), ("branch2.norm_b.0.", "conv2.bn."),
                    ("branch2.norm_b.1.block.0.", "se_module.fc1."), ("branch2.norm_b.1.block.2.", "se_module.fc2."),
                    ("branch2.conv_c.", "conv3.conv."), ("branch2.norm_c.", "conv3.bn.")]
-_MMACTION_FIXED = {"blocks.0.conv.conv_t.": "backbone.conv1_s.conv.", "blocks.0.conv.conv_xy.": "backbone.conv1_t.conv.",
-                   "blocks.0.norm.": "backbone.conv1_t.bn.", "blocks.5.pool.pre_conv.": "backbone.conv5.conv.",
+_MMACTION_FIXED = {"blocks.0.conv.conv_t.": "backbone.conv1_s.conv.",
+                   "blocks.0.conv.conv_xy.": "backbone.conv1_t.conv.", "blocks.0.norm.": "backbone.conv1_t.bn.",
+                   "blocks.5.pool.pre_conv.": "backbone.conv5.conv.",
                    "blocks.5.pool.pre_norm.": "backbone.conv5.bn.", "blocks.5.pool.post_conv.": "cls_head.fc1.",
                    "blocks.5.proj.": "cls_head.fc2."}
 

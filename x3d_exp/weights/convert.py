@@ -165,7 +165,7 @@ def network_shapes(network) -> Dict[str, Tuple[int, ...]]:
 def _bn_eps(network) -> Dict[str, float]:
     """eps of every BatchNorm, keyed by its parameter prefix (`...shortcut_bn.bn2d.`)."""
     out = {}
-    for name, cell in network.cells_and_names():
+    for _, cell in network.cells_and_names():
         if hasattr(cell, "moving_variance") and hasattr(cell, "eps"):
             out[f"{cell.moving_variance.name.rsplit('.', 1)[0]}."] = float(cell.eps)
     return out
