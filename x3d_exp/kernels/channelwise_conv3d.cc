@@ -27,7 +27,9 @@
 
 namespace {
 
-#if defined(__AVX512F__)
+#if defined(X3D_LANES)
+constexpr int kLanes = X3D_LANES;
+#elif defined(__AVX512F__)
 constexpr int kLanes = 16;
 #elif defined(__AVX__)
 constexpr int kLanes = 8;
@@ -38,7 +40,10 @@ typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 
 // Output elements per inner block: enough accumulators to hide FMA latency,
 // few enough to stay in registers.
-constexpr int kBlockVecs = 4;
+#ifndef X3D_BLOCK_VECS
+#define X3D_BLOCK_VECS 4
+#endif
+constexpr int kBlockVecs = X3D_BLOCK_VECS;
 constexpr int64_t kBlock = kBlockVecs * kLanes;
 // Taps per pass of the weight-gradient loop: one accumulator each, plus loads.
 constexpr int kTapGroup = 9;
@@ -98,7 +103,8 @@ struct Geometry {
   int64_t tp, hq, wq, plane, phases, phase_size;
   int64_t out_len;   // packed-output positions that hold every real output
   int64_t margin;    // zeros before the packed output gradient (its reads go backwards)
-  int64_t slack;     // zeros after any buffer: block rounding and tap offsets overrun
+  int64_t slack;       // room after any buffer: block rounding and tap offsets overrun
+  int64_t tail_zeros;  // zeros after the packed input and output gradient, see make_geometry
   std::vector<int64_t> tap_offset;  // into the packed input, per (dt, dh, dw)
   std::vector<int64_t> tap_local;   // same, without the phase part
   std::vector<int64_t> tap_phase;
@@ -139,6 +145,11 @@ bool make_geometry(const int64_t* xs, const int64_t* ws, const int64_t* g, const
       }
   G.margin = max_local + kBlock;
   G.slack = max_local + 2 * kBlock;
+  // The weight gradient reads up to a vector past the end of the output
+  // gradient (zeros there) against the packed input up to a row plus a
+  // vector past its end: those must be finite (stale NaN * 0 = NaN). Other
+  // overruns only feed positions that are discarded.
+  G.tail_zeros = G.wq + kBlock;
   return true;
 }
 
@@ -179,42 +190,80 @@ void weight_grad(double* sums, const float* grad, const float* src, const int64_
 
 // --------------------------------------------------------- pack / unpack
 
-// Row of the padded input (prow, wq * sw long) -> its sw phase rows, and back.
-// Stride 2 gets its own loop so the compiler can vectorise the (de)interleave.
-void split_row(const float* prow, float* dst, int64_t phase_size, int64_t wq, int64_t sw) {
+float* scratch(int slot, int64_t floats);
+
+#if defined(__AVX512F__)
+// Lanes i of row[start + i] with 0 <= start + i < n; zeros elsewhere.
+inline __m512 load_window(const float* row, int64_t start, int64_t n) {
+  int64_t lo = std::max<int64_t>(0, -start), hi = std::min<int64_t>(16, n - start);
+  if (hi <= lo) return _mm512_setzero_ps();
+  __mmask16 m = static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1));
+  return _mm512_maskz_loadu_ps(m, row + start);
+}
+
+inline __mmask16 head_mask(int64_t n) { return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1); }
+#endif
+
+// Input row (w floats) -> its sw phase rows (wq floats each, phase_size apart)
+// of the row padded by pl zeros on the left and zeros up to wq * sw on the right.
+void split_row(const float* row, int64_t w, int64_t pl, float* dst, int64_t phase_size, int64_t wq, int64_t sw) {
+  if (sw == 1) {
+    zero_row(dst, pl);
+    copy_row(dst + pl, row, w);
+    zero_row(dst + pl + w, wq - pl - w);
+    return;
+  }
+#if defined(__AVX512F__)
   if (sw == 2) {
-    float* even = dst;
-    float* odd = dst + phase_size;
-    for (int64_t j = 0; j < wq; ++j) {
-      even[j] = prow[2 * j];
-      odd[j] = prow[2 * j + 1];
+    const __m512i even_index = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i odd_index = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+    for (int64_t j = 0; j < wq; j += 16) {
+      __m512 lo = load_window(row, 2 * j - pl, w), hi = load_window(row, 2 * j - pl + 16, w);
+      __mmask16 m = head_mask(wq - j);
+      _mm512_mask_storeu_ps(dst + j, m, _mm512_permutex2var_ps(lo, even_index, hi));
+      _mm512_mask_storeu_ps(dst + phase_size + j, m, _mm512_permutex2var_ps(lo, odd_index, hi));
     }
     return;
   }
+#endif
+  float* prow = scratch(3, wq * sw);
+  zero_row(prow, pl);
+  copy_row(prow + pl, row, w);
+  zero_row(prow + pl + w, wq * sw - pl - w);
   for (int64_t b = 0; b < sw; ++b)
     for (int64_t j = 0; j < wq; ++j) dst[b * phase_size + j] = prow[j * sw + b];
 }
 
-void merge_row(const float* src, float* prow, int64_t phase_size, int64_t wq, int64_t sw) {
+// The inverse of split_row for the input gradient: w floats of the padded row from pl on.
+void merge_row(const float* src, int64_t phase_size, int64_t wq, int64_t sw, int64_t pl, float* row, int64_t w) {
+  if (sw == 1) {
+    copy_row(row, src + pl, w);
+    return;
+  }
+#if defined(__AVX512F__)
   if (sw == 2) {
-    const float* even = src;
-    const float* odd = src + phase_size;
-    for (int64_t j = 0; j < wq; ++j) {
-      prow[2 * j] = even[j];
-      prow[2 * j + 1] = odd[j];
+    // Lane i of the output is padded column q + i: even columns come from
+    // phase 0 (index < 16 below), odd ones from phase 1 (index >= 16).
+    const __m512i from_even = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i from_odd = _mm512_set_epi32(8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16);
+    for (int64_t i = 0; i < w; i += 16) {
+      int64_t q = i + pl;
+      __m512 even = _mm512_loadu_ps(src + q / 2), odd = _mm512_loadu_ps(src + phase_size + q / 2);
+      __m512 v = _mm512_permutex2var_ps(even, q % 2 == 0 ? from_even : from_odd, odd);
+      _mm512_mask_storeu_ps(row + i, head_mask(w - i), v);
     }
     return;
   }
+#endif
+  float* prow = scratch(3, wq * sw);
   for (int64_t b = 0; b < sw; ++b)
     for (int64_t j = 0; j < wq; ++j) prow[j * sw + b] = src[b * phase_size + j];
+  copy_row(row, prow + pl, w);
 }
-
-float* scratch(int slot, int64_t floats);
 
 // Padded volume split into stride phases (see the top of the file). Writes
 // every element once, padding included, so the buffer needs no clearing.
 void pack_input(const Geometry& G, const float* x, float* packed) {
-  float* prow = G.sw > 1 ? scratch(3, G.wq * G.sw) : nullptr;
   for (int64_t a = 0; a < G.sh; ++a)
     for (int64_t f = 0; f < G.tp; ++f)
       for (int64_t yq = 0; yq < G.hq; ++yq) {
@@ -224,29 +273,17 @@ void pack_input(const Geometry& G, const float* x, float* packed) {
           for (int64_t b = 0; b < G.sw; ++b) zero_row(dst + b * G.phase_size, G.wq);
           continue;
         }
-        const float* row = x + (t * G.h + h) * G.w;
-        float* target = G.sw > 1 ? prow : dst;
-        zero_row(target, G.pl);
-        copy_row(target + G.pl, row, G.w);
-        zero_row(target + G.pl + G.w, G.wq * G.sw - G.pl - G.w);
-        if (G.sw > 1) split_row(prow, dst, G.phase_size, G.wq, G.sw);
+        split_row(x + (t * G.h + h) * G.w, G.w, G.pl, dst, G.phase_size, G.wq, G.sw);
       }
-  zero_row(packed + G.phases * G.phase_size, G.slack);
+  zero_row(packed + G.phases * G.phase_size, G.tail_zeros);
 }
 
 void unpack_input_grad(const Geometry& G, const float* packed, float* dx) {
-  float* prow = G.sw > 1 ? scratch(3, G.wq * G.sw) : nullptr;
   for (int64_t t = 0; t < G.t; ++t)
     for (int64_t h = 0; h < G.h; ++h) {
       int64_t y = h + G.pt;
       const float* src = packed + (y % G.sh) * G.sw * G.phase_size + (t + G.pf) * G.plane + (y / G.sh) * G.wq;
-      float* row = dx + (t * G.h + h) * G.w;
-      if (G.sw == 1) {
-        copy_row(row, src + G.pl, G.w);
-        continue;
-      }
-      merge_row(src, prow, G.phase_size, G.wq, G.sw);
-      copy_row(row, prow + G.pl, G.w);
+      merge_row(src, G.phase_size, G.wq, G.sw, G.pl, dx + (t * G.h + h) * G.w, G.w);
     }
 }
 
@@ -275,7 +312,7 @@ void pack_output_grad(const Geometry& G, const float* dy, float* packed) {
       zero_row(dst + G.wo, G.wq - G.wo);
     }
   }
-  zero_row(base + G.phase_size, G.slack);
+  zero_row(base + G.phase_size, G.tail_zeros);
 }
 
 // Per-thread scratch, grown on demand and kept between calls.
