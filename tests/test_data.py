@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.data_helpers.layouts import (FRAMES, SIZES, data_cfg, kinetics_official, slowfast_lists, ucf101,
+from tests.data_helpers.layouts import (SIZES, data_cfg, kinetics_official, slowfast_lists, ucf101,
                                         write_video)
 from x3d_exp.data import DataError, build_loader, ensure_synthetic, load_video_views
 from x3d_exp.data.synthetic import CLASSES, render

@@ -32,9 +32,11 @@ def write_video(path: Path, value: int, *, codec: str = "libx264", width: int = 
             container.mux(packet)
 
 
-def data_cfg(root: Path, **overrides) -> "OmegaConf":
-    base = dict(name="test", format="kinetics", root=None if root is None else str(root), annotation_prefix="kinetics-400", num_classes=3,
-                batch_size=2, num_workers=0, test_num_clips=2, test_num_crops=3)
+def data_cfg(root, **overrides):
+    """A `data` config node (DataConfig schema) for `root`; small batches, in-process loading by default."""
+    base = dict(name="test", format="kinetics", root=None if root is None else str(root),
+                annotation_prefix="kinetics-400", num_classes=3, batch_size=2, num_workers=0, test_num_clips=2,
+                test_num_crops=3)
     base.update(overrides)
     return OmegaConf.structured(DataConfig(**base))
 

@@ -34,8 +34,8 @@ _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 def _params(data_cfg) -> dict:
     syn = data_cfg.synthetic
-    params = {key: int(syn[key]) for key in ("num_classes", "train_per_class", "val_per_class", "test_per_class",
-                                               "frames", "size", "fps", "seed")}
+    keys = ("num_classes", "train_per_class", "val_per_class", "test_per_class", "frames", "size", "fps", "seed")
+    params = {key: int(syn[key]) for key in keys}
     if not 2 <= params["num_classes"] <= len(CLASSES):
         raise DataError(f"data.synthetic.num_classes={params['num_classes']}: the generator has "
                         f"{len(CLASSES)} motion classes, use 2..{len(CLASSES)}")

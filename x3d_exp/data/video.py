@@ -1,8 +1,8 @@
 """Decoding with decord: only the frames a clip needs, already resized by the decoder.
 
 Resizing inside decord (`VideoReader(width=, height=)`, ffmpeg's scaler on each returned frame) measured faster
-than decoding at full size and resizing in numpy (see /work/notes/data.md), but it needs the frame size before
-the reader is opened; a PyAV header probe gives it for ~3 ms and is cached per process.
+than decoding at full size and resizing in numpy (figures in the README's data section), but it needs the frame
+size before the reader is opened; a PyAV header probe gives it for ~3 ms and is cached per process.
 """
 
 from __future__ import annotations
@@ -10,10 +10,14 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 from typing import Optional, Sequence, Tuple
 
 import av
-import decord
+# MindSpore must be loaded before decord: the other order aborts the process inside MindSpore's import
+# ("random_device could not be read", MindSpore 2.10 + decord 0.6.0).
+import mindspore  # noqa: F401  isort: skip
+import decord  # noqa: E402  isort: skip
 import numpy as np
 
 # decord 0.6.0 fails ("DECORDArrayCopyFromTo: The size must exactly match") on frames of exactly these widths,
@@ -32,8 +36,10 @@ class BadVideo(Exception):
 
 
 def _first_line(err: BaseException) -> str:
-    text = getattr(err, "strerror", None) or str(err) or type(err).__name__
-    return text.strip().splitlines()[0][:200] if text.strip() else type(err).__name__
+    """The gist of a decoder error: its first line, without decord's `[12:00:00] /src/file.cc:83: ` prefix."""
+    text = (getattr(err, "strerror", None) or str(err)).strip()
+    text = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", text.splitlines()[0] if text else "")
+    return text[:200] or type(err).__name__
 
 
 @functools.lru_cache(maxsize=1 << 17)
