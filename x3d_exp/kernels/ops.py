@@ -49,9 +49,8 @@ def _out_size(size: int, kernel: int, stride: int, before: int, after: int) -> i
 
 
 @functools.lru_cache(maxsize=None)
-def _primitive(stride: Tuple[int, int, int], padding: Tuple[int, ...]) -> ops.Custom:
+def _primitive(library: str, stride: Tuple[int, int, int], padding: Tuple[int, ...]) -> ops.Custom:
     """Forward Custom op for one stride/padding (output shapes depend on them), with its bprop."""
-    library = kernel_library()
 
     def forward_shape(x, weight, geometry):
         return [x[0], x[1]] + [_out_size(x[2 + i], weight[2 + i], stride[i], padding[2 * i], padding[2 * i + 1])
@@ -95,7 +94,7 @@ class ChannelwiseConv3d(nn.Cell):
                                             (channels, 1, *kernel_size)), name="weight")
         # The kernel reads stride and padding from this constant input.
         self.geometry = Tensor(np.array(stride + padding, np.int64))
-        self.conv = _primitive(stride, padding)
+        self.conv = _primitive(kernel_library(), stride, padding)
 
     def construct(self, x):
         return self.conv(x, self.weight, self.geometry)
