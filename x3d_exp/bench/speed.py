@@ -139,8 +139,8 @@ class MindSporeRunner:
             self.step()
         _peak_reset()
         params = int(sum(p.size for p in self.net.trainable_params()))
-        return {"params": params, "conv_impl": self.conv_impl, "input": [batch, 3, spec.num_frames,
-                                                                          spec.crop_size, spec.crop_size]}
+        shape = [batch, 3, spec.num_frames, spec.crop_size, spec.crop_size]
+        return {"params": params, "conv_impl": self.conv_impl, "input": shape}
 
     def time_one(self) -> float:
         start = time.perf_counter()

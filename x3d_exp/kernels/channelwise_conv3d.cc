@@ -27,9 +27,7 @@
 
 namespace {
 
-#if defined(X3D_LANES)
-constexpr int kLanes = X3D_LANES;
-#elif defined(__AVX512F__)
+#if defined(__AVX512F__)
 constexpr int kLanes = 16;
 #elif defined(__AVX__)
 constexpr int kLanes = 8;
@@ -40,10 +38,7 @@ typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 
 // Output elements per inner block: enough accumulators to hide FMA latency,
 // few enough to stay in registers.
-#ifndef X3D_BLOCK_VECS
-#define X3D_BLOCK_VECS 4
-#endif
-constexpr int kBlockVecs = X3D_BLOCK_VECS;
+constexpr int kBlockVecs = 4;
 constexpr int64_t kBlock = kBlockVecs * kLanes;
 // Taps per pass of the weight-gradient loop: one accumulator each, plus loads.
 constexpr int kTapGroup = 9;
