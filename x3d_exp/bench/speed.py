@@ -520,7 +520,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed steps per case and framework (default: fwd1 10, fwd8 3, train8 3)")
     parser.add_argument("--kernels", default="auto", choices=["auto", "native", "custom"],
-                        help="model.cpu_kernels for ours (default auto)")
+                        help="model.cpu_kernels for ours (default auto; native is MindSpore's nn.Conv3d, "
+                             "which runs one oneDNN call per channel: very slow)")
     parser.add_argument("--no-torch", action="store_true", help="time ours only")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-layer-type profile")
     parser.add_argument("--json", help="also write the full results here")

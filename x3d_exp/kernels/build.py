@@ -105,7 +105,10 @@ def build_library() -> Path:
         except (OSError, subprocess.SubprocessError) as err:
             raise KernelBuildError(f"{shlex.join(cmd)}: {err}") from err
         if result.returncode != 0:
-            raise KernelBuildError(f"{shlex.join(cmd)} failed:\n{result.stderr.strip()}")
+            errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+            first = errors[0].strip() if errors else f"exit status {result.returncode}"
+            # The first line is what the one-line fallback warning shows.
+            raise KernelBuildError(f"compiling {SOURCE.name} failed: {first}\n{shlex.join(cmd)}\n{result.stderr}")
         os.replace(temp, target)
     finally:
         if os.path.exists(temp):
