@@ -90,7 +90,10 @@ def time_loader(root: Path, setting: dict, workers: int, seconds: float, batch_s
     next(iterator)
     clips, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        clips += next(iterator)[0].shape[0]
+        try:
+            clips += next(iterator)[0].shape[0]
+        except StopIteration:  # end of an epoch; the iterator goes on with the next
+            continue
     rate = clips / (time.perf_counter() - start)
     iterator.stop()
     if loader.bad_videos():
