@@ -40,18 +40,45 @@ def task_summary(cfg: DictConfig) -> dict:
             "num_classes": int(cfg.data.num_classes)}
 
 
-TASKS = {"summary": task_summary}
+def task_convert(cfg: DictConfig) -> dict:
+    from x3d_exp.weights import task_convert as convert
+
+    return convert(cfg)
+
+
+def task_export(cfg: DictConfig) -> dict:
+    from x3d_exp.weights import task_export as export
+
+    return export(cfg)
+
+
+def task_train(cfg: DictConfig) -> dict:
+    from x3d_exp.engine import task_train as train
+
+    return train(cfg)
+
+
+def task_test(cfg: DictConfig) -> dict:
+    from x3d_exp.engine import task_test as test
+
+    return test(cfg)
+
+
+TASKS = {"summary": task_summary, "train": task_train, "test": task_test, "convert": task_convert,
+         "export": task_export}
 
 
 def run_task(cfg: DictConfig):
+    from x3d_exp.data import DataError
     from x3d_exp.models import FactorError
+    from x3d_exp.weights import WeightsError
 
     try:
         validate(cfg)
         if cfg.task not in TASKS:
             raise UserError(f"task={cfg.task} is not available yet")
         result = TASKS[cfg.task](cfg)
-    except (ConfigError, FactorError, UserError) as err:
+    except (ConfigError, FactorError, UserError, DataError, WeightsError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(json.dumps(result), flush=True)
