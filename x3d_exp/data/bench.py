@@ -1,7 +1,7 @@
 """Loader benchmark: decoded + augmented training clips per second, decord pipeline vs a PyAV baseline.
 
     python -m x3d_exp.data.bench                 # XS and M settings, 0/1/2 workers, ~3 minutes on 2 cores
-    python -m x3d_exp.data.bench --seconds 5 --workers 0 2
+    python -m x3d_exp.data.bench --settings xs --workers 0 2 --rounds 1
 
 It generates Kinetics-like H.264 files itself (340x256, 10 s at 30 fps, ~0.9 Mbit/s, x264 `veryfast`: CABAC and
 B-frames like the re-encoded YouTube clips), lists them in the official Kinetics csv layout and reads them through
@@ -151,7 +151,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--seconds", type=float, default=12.0, help="timing window per measurement")
+    parser.add_argument("--seconds", type=float, default=4.0, help="timing window of one measurement")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measurements per method, interleaved so that load from other processes hits all alike")
     parser.add_argument("--files", type=int, default=6, help="distinct encoded videos")
     parser.add_argument("--video-seconds", type=int, default=10)
     parser.add_argument("--root", type=Path, default=default_cache_dir() / "bench")
@@ -167,13 +169,18 @@ def main(argv=None) -> dict:
     results = {}
     for name in args.settings:
         setting = SETTINGS[name]
-        row = {f"decord_{w}w": time_loader(root, setting, w, args.seconds) for w in args.workers}
-        row["pyav_slowfast"] = time_pyav(root, setting, args.seconds, slowfast=True)
-        row["pyav_lean"] = time_pyav(root, setting, args.seconds, slowfast=False)
+        methods = {f"decord_{w}w": (lambda w=w: time_loader(root, setting, w, args.seconds)) for w in args.workers}
+        methods["pyav_slowfast"] = lambda: time_pyav(root, setting, args.seconds, slowfast=True)
+        methods["pyav_lean"] = lambda: time_pyav(root, setting, args.seconds, slowfast=False)
+        rates = {method: [] for method in methods}
+        for _ in range(args.rounds):
+            for method, measure in methods.items():
+                rates[method].append(measure())
+        row = {method: float(np.median(values)) for method, values in rates.items()}
         results[name] = row
         print(f"{name}: T={setting['num_frames']} tau={setting['sampling_rate']} crop={setting['crop_size']} "
-              f"scale={setting['train_scale']}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items())
-              + " clips/s", flush=True)
+              f"scale={setting['train_scale']}, median of {args.rounds} x {args.seconds:g} s: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in row.items()) + " clips/s", flush=True)
         if "decord_0w" in row:
             print(f"  one process, decord pipeline / PyAV PySlowFast-way = "
                   f"{row['decord_0w'] / row['pyav_slowfast']:.2f}x, / lean PyAV = "
