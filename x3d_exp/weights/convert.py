@@ -146,6 +146,12 @@ def _identity_bn(shape: Tuple[int, ...], eps: float) -> Dict[str, np.ndarray]:
             "moving_mean": np.zeros(shape, np.float32), "moving_variance": np.full(shape, var, np.float32)}
 
 
+def _mismatches(missing, unexpected, wrong_shape) -> list:
+    """One phrase per kind of key mismatch, for a WeightsError message."""
+    kinds = (("missing", missing), ("unexpected", unexpected), ("with the wrong shape", wrong_shape))
+    return [f"{len(keys)} {kind}: {_examples(keys)}" for kind, keys in kinds if keys]
+
+
 def _examples(items: List[str], limit: int = 3) -> str:
     return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
 
@@ -205,13 +211,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray], network, fmt: str = "aut
         params[name] = np.ascontiguousarray(array, dtype=np.float32)
     dropped = sorted(k for k in state if k not in used and k.endswith("num_batches_tracked"))
     unexpected = sorted(k for k in state if k not in used and not k.endswith("num_batches_tracked"))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing: {_examples(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_examples(unexpected)}")
-    if wrong_shape:
-        problems.append(f"{len(wrong_shape)} with the wrong shape: {_examples(wrong_shape)}")
+    problems = _mismatches(missing, unexpected, wrong_shape)
     if problems:
         raise WeightsError(f"{fmt} checkpoint does not fit this model (another variant or class count?): "
                            + "; ".join(problems))
@@ -276,13 +276,7 @@ def load_params(network, params: Mapping[str, np.ndarray], skip: Tuple[str, ...]
     wrong = [f"{k} {list(params[k].shape)} (model wants {list(s)})" for k, s in shapes.items()
              if k in params and k not in skip and tuple(params[k].shape) != s]
     unexpected = [k for k in params if k not in shapes and _is_model_param(k)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing: {_examples(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_examples(unexpected)}")
-    if wrong:
-        problems.append(f"{len(wrong)} with the wrong shape: {_examples(wrong)}")
+    problems = _mismatches(missing, unexpected, wrong)
     if problems:
         raise WeightsError("checkpoint does not fit this model (another variant?): " + "; ".join(problems))
     ms.load_param_into_net(network, {k: ms.Parameter(ms.Tensor(params[k]), name=k) for k in shapes
