@@ -50,7 +50,6 @@ class OptimConfig:
     # Linear scaling: lr * (global batch / base_batch_size).
     scale_lr: bool = False
     base_batch_size: int = 256
-    clip_grad_norm: Optional[float] = None
 
 
 @dataclass

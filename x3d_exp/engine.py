@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -18,7 +19,9 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn
 from mindspore.train import Callback, Model
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from x3d_exp.tasks import UserError
 
 log = logging.getLogger("x3d_exp.engine")
 
@@ -107,135 +110,228 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def evaluate(network: nn.Cell, loader, num_classes: int) -> Dict[str, float]:
-    """Video-level metrics: softmax averaged over every view of a video, then top-1/top-5 and per-class accuracy."""
+def collect_scores(network: nn.Cell, loader, cfg: DictConfig, desc: str):
+    """Sum of softmax over every view of each video: ({video_index: probs}, {video_index: label}, loss sum, views)."""
     network.set_train(False)
     prob_sum: Dict[int, np.ndarray] = {}
     labels: Dict[int, int] = {}
-    loss_sum, loss_count = 0.0, 0
+    loss_sum, views = 0.0, 0
+    bar = progress_bar(cfg, loader.steps_per_epoch, desc)
     for batch in loader.dataset.create_dict_iterator(num_epochs=1, output_numpy=True):
+        bar.update(1)
         keep = batch["video_index"] >= 0
         if not keep.any():
             continue
-        logits = network(ms.Tensor(batch["clip"])).asnumpy()[keep]
-        probs = _softmax(logits)
+        probs = _softmax(network(ms.Tensor(batch["clip"])).asnumpy()[keep])
         batch_labels = batch["label"][keep]
         loss_sum += float(-np.log(np.clip(probs[np.arange(len(probs)), batch_labels], 1e-12, None)).sum())
-        loss_count += len(probs)
+        views += len(probs)
         for video, label, p in zip(batch["video_index"][keep], batch_labels, probs):
             prob_sum[int(video)] = prob_sum.get(int(video), 0) + p
             labels[int(video)] = int(label)
+    bar.close()
+    return prob_sum, labels, loss_sum, views
+
+
+def video_metrics(prob_sum: Dict[int, np.ndarray], labels: Dict[int, int], loss_sum: float, views: int,
+                  num_classes: int) -> Dict[str, object]:
+    """Video-level top-1/top-5 and per-class accuracy from the summed softmax (the ranking of the mean)."""
     if not prob_sum:
-        return {"top1": 0.0, "top5": 0.0, "loss": float("nan"), "videos": 0, "per_class": [0.0] * num_classes}
+        return {"top1": 0.0, "top5": 0.0, "loss": float("nan"), "videos": 0, "per_class": [float("nan")] * num_classes}
     videos = sorted(prob_sum)
     scores = np.stack([prob_sum[v] for v in videos])
     truth = np.array([labels[v] for v in videos])
-    ranked = np.argsort(-scores, axis=1)
+    ranked = np.argsort(-scores, axis=1, kind="stable")
     top1 = ranked[:, 0] == truth
     top5 = (ranked[:, :5] == truth[:, None]).any(axis=1)
     per_class = [float(top1[truth == c].mean()) if np.any(truth == c) else float("nan") for c in range(num_classes)]
-    return {"top1": float(top1.mean()), "top5": float(top5.mean()), "loss": loss_sum / max(1, loss_count),
+    return {"top1": float(top1.mean()), "top5": float(top5.mean()), "loss": loss_sum / max(1, views),
             "videos": len(videos), "per_class": per_class}
 
 
-# ---------------------------------------------------------------- checkpoints
+def evaluate(network: nn.Cell, loader, num_classes: int, cfg: DictConfig, desc: str) -> Dict[str, object]:
+    """Video-level metrics of one split: the loss is per view, accuracy per video."""
+    return video_metrics(*collect_scores(network, loader, cfg, desc), num_classes)
 
-def save_checkpoint_atomic(network: nn.Cell, path: Path, extra: dict) -> Path:
-    """Write to a temporary name, then rename: a killed process never leaves a half checkpoint."""
+
+# ---------------------------------------------------------------- checkpoints and resume
+
+EPOCH_CKPT = re.compile(r"^epoch(\d+)\.ckpt$")
+
+
+def save_checkpoint_atomic(train_network: nn.Cell, path: Path, extra: dict) -> Path:
+    """Write the whole training state (weights, optimizer moments, its step counter that positions the lr) to a
+    temporary name, then rename: a killed process never leaves a half-written checkpoint under a final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    ms.save_checkpoint(network, str(tmp), append_dict={k: v for k, v in extra.items()})
+    # save_checkpoint appends ".ckpt" to any other suffix, so the temporary name must end in .ckpt itself.
+    tmp = path.with_name(f".{path.stem}.partial.ckpt")
+    ms.save_checkpoint(train_network, str(tmp), append_dict=dict(extra))
     os.replace(tmp, path)
     return path
+
+
+def epoch_checkpoints(ckpt_dir: Path) -> List[Path]:
+    """Complete per-epoch checkpoints in `ckpt_dir`, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := EPOCH_CKPT.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(setting, run_dir: Path):
+    """(directory the run writes to, checkpoint to resume from or None) for `resume=false|auto|PATH`.
+
+    A resumed run keeps writing into the directory of the checkpoint it resumes, next to its MLflow run id.
+    """
+    if setting in (False, None, "false", "False"):
+        return run_dir, None
+    if setting == "auto":
+        found = epoch_checkpoints(run_dir / "checkpoints")
+        if not found:
+            log.info("resume=auto: no checkpoint in %s, starting from scratch", run_dir / "checkpoints")
+            return run_dir, None
+        return run_dir, found[-1]
+    path = Path(str(setting)).expanduser()
+    if path.is_dir():
+        ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        found = epoch_checkpoints(ckpt_dir)
+        if not found:
+            raise UserError(f"resume={setting}: no epochNNNN.ckpt in {ckpt_dir}")
+        path = found[-1]
+    elif not path.is_file():
+        raise UserError(f"resume={setting}: no such checkpoint or run directory")
+    return path.resolve().parent.parent, path.resolve()
+
+
+def restore_training_state(train_network: nn.Cell, path: Path) -> dict:
+    """Load weights and optimizer state into the training cell; returns the saved epoch, step and best top-1."""
+    from x3d_exp.weights import WeightsError
+
+    try:
+        state = ms.load_checkpoint(str(path))
+    except (ValueError, RuntimeError, OSError) as err:
+        raise WeightsError(f"resume: {path} is not a readable checkpoint ({err})") from None
+    missing = [k for k in ("epoch", "step") if k not in state]
+    if missing:
+        raise WeightsError(f"resume: {path} has no {', '.join(missing)} entry (not written by task=train)")
+    meta = {k: state.pop(k).asnumpy().item() for k in ("epoch", "step", "best_top1") if k in state}
+    not_loaded, _ = ms.load_param_into_net(train_network, state)
+    model_keys = [k for k in not_loaded if k.split(".", 1)[0] in ("stem", "stages", "head")]
+    if model_keys:
+        raise WeightsError(f"resume: {path} does not fit this model: {model_keys[0]} missing "
+                           f"(+{len(model_keys) - 1} more); resume with the same model config")
+    return meta
 
 
 # ---------------------------------------------------------------- callbacks
 
 class TrainMonitor(Callback):
-    """Per-step MLflow metrics, a tqdm bar, and per-epoch validation + checkpoints."""
+    """Step metrics and a progress bar; per epoch: validation, checkpoints, the bad-video count and history.
 
-    def __init__(self, tracker, network, val_loader, run_dir: Path, cfg: DictConfig, rates: List[float],
-                 steps_per_epoch: int, batch_size: int, bad_sources):
+    Steps are numbered globally from the epoch, (epoch - 1) * steps_per_epoch + i, so a resumed run continues
+    the same MLflow step axis.
+    """
+
+    def __init__(self, tracker, network: nn.Cell, val_loader, train_dir: Path, cfg: DictConfig,
+                 rates: List[float], steps_per_epoch: int, loaders, start: Optional[dict] = None):
         super().__init__()
         self.tracker = tracker
         self.network = network
         self.val_loader = val_loader
-        self.run_dir = run_dir
+        self.ckpt_dir = train_dir / "checkpoints"
+        self.history_path = self.ckpt_dir / "history.json"
         self.cfg = cfg
         self.rates = rates
         self.steps_per_epoch = steps_per_epoch
-        self.batch_size = batch_size
-        self.bad_sources = bad_sources
-        self.history: List[dict] = []
-        self.best_top1 = -1.0
-        self.best_path: Optional[Path] = None
-        self.last_paths: List[Path] = []
+        self.loaders = loaders
+        resumed = start is not None
+        self.best_top1 = float(start.get("best_top1", -1.0)) if resumed else -1.0
+        # The history file may run one epoch past the checkpoint if the process died between the two writes.
+        self.history: List[dict] = ([r for r in json.loads(self.history_path.read_text())
+                                     if r["epoch"] <= start["epoch"]]
+                                    if resumed and self.history_path.is_file() else [])
+        best = self.ckpt_dir / "best.ckpt"
+        self.best_path: Optional[Path] = best if resumed and best.is_file() else None
+        self.last_paths: List[Path] = epoch_checkpoints(self.ckpt_dir) if resumed else []
         self._bar = None
         self._t_step = time.time()
         self._epoch_loss: List[float] = []
+        self._step_in_epoch = 0
 
     def on_train_epoch_begin(self, run_context):
-        from tqdm import tqdm
-
         epoch = run_context.original_args().cur_epoch_num
-        self._bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{self.cfg.trainer.epochs}",
-                         disable=not _progress_enabled(self.cfg), leave=False)
+        self._bar = progress_bar(self.cfg, self.steps_per_epoch, f"epoch {epoch}/{self.cfg.trainer.epochs}")
         self._epoch_loss = []
+        self._step_in_epoch = 0
         self._t_step = time.time()
 
     def on_train_step_end(self, run_context):
         args = run_context.original_args()
-        step = args.cur_step_num
+        self._step_in_epoch += 1
+        step = (args.cur_epoch_num - 1) * self.steps_per_epoch + self._step_in_epoch
         loss = float(np.mean(args.net_outputs.asnumpy()))
         if not np.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss} at step {step}")
+            raise FloatingPointError(f"training loss became {loss} at step {step}; lower optim.lr")
         self._epoch_loss.append(loss)
         now = time.time()
-        clips_per_s = self.batch_size / max(now - self._t_step, 1e-9)
+        clips_per_s = int(self.cfg.data.batch_size) / max(now - self._t_step, 1e-9)
         self._t_step = now
-        if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix(loss=f"{loss:.3f}")
-        if step % self.cfg.trainer.log_every == 0 or step == 1:
+        self._bar.update(1)
+        self._bar.set_postfix(loss=f"{loss:.3f}")
+        if step % self.cfg.trainer.log_every == 0 or self._step_in_epoch == 1:
             self.tracker.log_metrics({"train/loss": loss, "train/lr": self.rates[step - 1],
                                       "train/clips_per_s": clips_per_s}, step)
 
     def on_train_epoch_end(self, run_context):
         args = run_context.original_args()
-        epoch, step = args.cur_epoch_num, args.cur_step_num
-        if self._bar is not None:
-            self._bar.close()
-        record = {"epoch": epoch, "train_loss": float(np.mean(self._epoch_loss)) if self._epoch_loss else None}
+        epoch = args.cur_epoch_num
+        step = epoch * self.steps_per_epoch
+        self._bar.close()
+        record = {"epoch": epoch, "step": step, "train_loss": float(np.mean(self._epoch_loss))}
+        metrics = {"train/epoch_loss": record["train_loss"], "epoch": epoch}
+        improved = False
         if epoch % self.cfg.trainer.eval_every == 0 or epoch == self.cfg.trainer.epochs:
-            metrics = evaluate(self.network, self.val_loader, int(self.cfg.data.num_classes))
+            val = evaluate(self.network, self.val_loader, int(self.cfg.data.num_classes), self.cfg, "val")
             self.network.set_train(True)
-            record.update(val_loss=metrics["loss"], val_top1=metrics["top1"], val_top5=metrics["top5"])
-            self.tracker.log_metrics({"val/loss": metrics["loss"], "val/top1": metrics["top1"],
-                                      "val/top5": metrics["top5"]}, step)
-            if metrics["top1"] > self.best_top1:
-                self.best_top1 = metrics["top1"]
-                self.best_path = save_checkpoint_atomic(self.network, self.run_dir / "checkpoints" / "best.ckpt",
-                                                        {"epoch": epoch, "step": step})
-        bad = sum(len(source.bad_videos()) for source in self.bad_sources)
-        self.tracker.log_metrics({"data/bad_videos": bad, "train/epoch_loss": record["train_loss"] or 0.0}, step)
-        for source in self.bad_sources:
-            source.check_bad_fraction()
+            record.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
+            metrics.update({"val/loss": val["loss"], "val/top1": val["top1"], "val/top5": val["top5"]})
+            improved = val["top1"] > self.best_top1
+            self.best_top1 = max(self.best_top1, val["top1"])
+        metrics["data/bad_videos"] = sum(len(loader.bad_videos()) for loader in self.loaders)
+        self.tracker.log_metrics(metrics, step)
+        for loader in self.loaders:
+            loader.check_bad_fraction()
+        self.history.append(record)
+        state = {"epoch": epoch, "step": step, "best_top1": self.best_top1}
+        train_network = args.train_network
+        if improved:
+            self.best_path = save_checkpoint_atomic(train_network, self.ckpt_dir / "best.ckpt", state)
         if epoch % self.cfg.trainer.ckpt_every == 0 or epoch == self.cfg.trainer.epochs:
-            path = save_checkpoint_atomic(self.network, self.run_dir / "checkpoints" / f"epoch{epoch:04d}.ckpt",
-                                          {"epoch": epoch, "step": step})
-            self.last_paths.append(path)
+            # The history is written before the checkpoint that it goes with, so any complete checkpoint has one.
+            _write_atomic(self.history_path, json.dumps(self.history, indent=1))
+            self.last_paths.append(save_checkpoint_atomic(train_network, self.ckpt_dir / f"epoch{epoch:04d}.ckpt",
+                                                          state))
             while len(self.last_paths) > self.cfg.trainer.keep_last:
                 self.last_paths.pop(0).unlink(missing_ok=True)
-        self.history.append(record)
         log.info("epoch %d: %s", epoch, json.dumps(record))
 
 
-def _progress_enabled(cfg: DictConfig) -> bool:
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def progress_bar(cfg: DictConfig, total: int, desc: str):
+    """tqdm with ETA on a terminal; silent in logs unless trainer.progress=on."""
     import sys
 
-    if cfg.trainer.progress == "auto":
-        return sys.stderr.isatty()
-    return cfg.trainer.progress in ("on", "true", True)
+    from tqdm import tqdm
+
+    setting = str(cfg.trainer.progress)
+    enabled = sys.stderr.isatty() if setting == "auto" else setting in ("on", "true", "True")
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
 # ---------------------------------------------------------------- plots
@@ -283,45 +379,67 @@ def _run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def _amp_level(cfg: DictConfig, device: str) -> str:
+    if device == "CPU" and cfg.amp_level != "O0":
+        log.warning("amp_level=%s ignored on the CPU (no float16 convolutions there); using O0", cfg.amp_level)
+        return "O0"
+    return str(cfg.amp_level)
+
+
 def task_train(cfg: DictConfig) -> dict:
     from x3d_exp.tracking import Tracker
 
     started = time.time()
-    run_dir = _run_dir()
+    train_dir, resume_from = resolve_resume(cfg.resume, _run_dir())
     device = setup_context(cfg)
     network = build_network(cfg, device)
-    with Tracker(cfg, run_dir) as tracker:
-        loaders = _loaders(cfg, network.spec, run_dir, ("train", "val", "test"))
-        if cfg.ckpt:
+    with Tracker(cfg, train_dir, resume=resume_from is not None) as tracker:
+        loaders = _loaders(cfg, network.spec, train_dir, ("train", "val", "test"))
+        if cfg.ckpt and resume_from is None:
             from x3d_exp.weights import load_pretrained
 
-            load_pretrained(network, cfg.ckpt)
-        tracker.log_model(network, input_sizes(cfg, network.spec))
+            skipped = load_pretrained(network, cfg.ckpt)
+            if skipped:
+                print(f"ckpt={cfg.ckpt}: loaded all but {', '.join(skipped)} (class count differs)")
+        if resume_from is None:
+            tracker.log_model(network, input_sizes(cfg, network.spec))
         train = loaders["train"]
         optimizer, rates = build_optimizer(cfg, network, train.steps_per_epoch)
         loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
-        model = Model(network, loss_fn, optimizer, amp_level=cfg.amp_level if device != "CPU" else "O0")
-        monitor = TrainMonitor(tracker, network, loaders["val"], run_dir, cfg, rates, train.steps_per_epoch,
-                               int(cfg.data.batch_size), list(loaders.values()))
-        model.train(int(cfg.trainer.epochs), train.dataset, callbacks=[monitor], dataset_sink_mode=False)
+        amp_level = _amp_level(cfg, device)
+        scale = ms.amp.DynamicLossScaleManager() if amp_level in ("O2", "O3") else None
+        model = Model(network, loss_fn, optimizer, amp_level=amp_level, loss_scale_manager=scale)
+        start = None
+        if resume_from is not None:
+            start = restore_training_state(model.train_network, resume_from)
+            print(f"resumed from {resume_from} at epoch {start['epoch']}, step {start['step']}")
+        first_epoch = int(start["epoch"]) if start else 0
+        if first_epoch >= cfg.trainer.epochs:
+            raise UserError(f"resume={cfg.resume}: {resume_from} is already at epoch {first_epoch} of "
+                             f"trainer.epochs={cfg.trainer.epochs}")
+        train.set_epoch(first_epoch)
+        monitor = TrainMonitor(tracker, network, loaders["val"], train_dir, cfg, rates, train.steps_per_epoch,
+                               list(loaders.values()), start)
+        model.train(int(cfg.trainer.epochs), train.dataset, callbacks=[monitor], dataset_sink_mode=False,
+                    initial_epoch=first_epoch)
         if monitor.best_path is not None:
             ms.load_param_into_net(network, ms.load_checkpoint(str(monitor.best_path)))
-        result = _test_and_record(cfg, network, loaders["test"], tracker, run_dir, monitor.history)
+        result = _test_and_record(cfg, network, loaders["test"], tracker, train_dir, monitor.history)
         tracker.log_artifact(monitor.best_path, "checkpoints")
         if monitor.last_paths:
             tracker.log_artifact(monitor.last_paths[-1], "checkpoints")
         result.update(task="train", run_id=tracker.run_id, val_top1=monitor.best_top1,
                       epochs=int(cfg.trainer.epochs), seconds=round(time.time() - started, 1))
-    print(f"view the run: mlflow ui --backend-store-uri {tracker.tracking_uri}")
+    print(f"view the run: mlflow ui --backend-store-uri {tracker.display_uri}")
     return result
 
 
 def _test_and_record(cfg, network, test_loader, tracker, run_dir, history) -> dict:
     from x3d_exp.models.summary import count_parameters
 
-    metrics = evaluate(network, test_loader, int(cfg.data.num_classes))
+    metrics = evaluate(network, test_loader, int(cfg.data.num_classes), cfg, "test")
     tracker.log_metrics({"test/top1": metrics["top1"], "test/top5": metrics["top5"],
-                         "data/bad_videos": len(test_loader.bad_videos())}, None)
+                         "data/bad_videos_test": len(test_loader.bad_videos())}, None)
     plots = save_plots(history, metrics["per_class"], test_loader.class_names, run_dir / "plots")
     for plot in plots:
         tracker.log_artifact(plot, "plots")
@@ -333,7 +451,6 @@ def _test_and_record(cfg, network, test_loader, tracker, run_dir, history) -> di
 
 
 def task_test(cfg: DictConfig) -> dict:
-    from x3d_exp.tasks import UserError
     from x3d_exp.tracking import Tracker
 
     if not cfg.ckpt:
@@ -353,4 +470,5 @@ def task_test(cfg: DictConfig) -> dict:
         result = _test_and_record(cfg, network, loaders["test"], tracker, run_dir, [])
         result.update(task="test", run_id=tracker.run_id, val_top1=None, epochs=0,
                       seconds=round(time.time() - started, 1))
+    print(f"view the run: mlflow ui --backend-store-uri {tracker.display_uri}")
     return result

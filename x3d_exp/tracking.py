@@ -27,17 +27,52 @@ def _git_commit() -> Optional[str]:
         return None
 
 
+def _hydra_output_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(".")
+
+
 class Tracker:
     """Context manager around an MLflow run; the run ends FAILED on any exception, KeyboardInterrupt included."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path):
+    def __init__(self, cfg: DictConfig, run_dir: Path, resume: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.resume = resume
         self.tracking_uri = cfg.mlflow.tracking_uri
         self.client = MlflowClient(self.tracking_uri)
         self.run_id: Optional[str] = None
 
+    @property
+    def display_uri(self) -> str:
+        """The store's URI with a relative sqlite path made absolute, so the printed command works anywhere."""
+        prefix = "sqlite:///"
+        if self.tracking_uri.startswith(prefix) and not self.tracking_uri.startswith(prefix + "/"):
+            return prefix + str(Path(self.tracking_uri[len(prefix):]).resolve())
+        return self.tracking_uri
+
     def __enter__(self):
+        id_file = self.run_dir / "mlflow_run_id"
+        if self.resume and id_file.is_file():
+            # A resumed run continues its own MLflow run: same params, one continuous step axis.
+            self.run_id = id_file.read_text().strip()
+            self.client.update_run(self.run_id, status="RUNNING")
+            self.client.set_tag(self.run_id, "resumed", "true")
+            return self
+        self.run_id = self._create_run()
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(self.run_id)
+        params = {k: str(v)[:MLFLOW_PARAM_LIMIT] for k, v in flatten(self.cfg).items()}
+        items = list(params.items())
+        for start in range(0, len(items), 90):  # log_batch takes at most 100 params
+            self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[start:start + 90]])
+        hydra_dir = _hydra_output_dir() / ".hydra"
+        if hydra_dir.is_dir():
+            self.client.log_artifacts(self.run_id, str(hydra_dir), ".hydra")
+        return self
+
+    def _create_run(self) -> str:
         from hydra.core.hydra_config import HydraConfig
 
         experiment = self.client.get_experiment_by_name(self.cfg.mlflow.experiment_name)
@@ -45,21 +80,11 @@ class Tracker:
                          else self.client.create_experiment(self.cfg.mlflow.experiment_name))
         overrides = " ".join(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ""
         tags = {"task": self.cfg.task, "model": self.cfg.model.name, "data": self.cfg.data.name,
-                "hydra_overrides": overrides, "run_dir": str(self.run_dir)}
+                "hydra_overrides": overrides, "run_dir": str(self.run_dir.resolve())}
         commit = _git_commit()
         if commit:
             tags["git_commit"] = commit
-        run = self.client.create_run(experiment_id, run_name=self.cfg.mlflow.run_name, tags=tags)
-        self.run_id = run.info.run_id
-        (self.run_dir / "mlflow_run_id").write_text(self.run_id)
-        params = {k: str(v)[:MLFLOW_PARAM_LIMIT] for k, v in flatten(self.cfg).items()}
-        items = list(params.items())
-        for start in range(0, len(items), 90):  # log_batch takes at most 100 params
-            self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[start:start + 90]])
-        hydra_dir = self.run_dir / ".hydra"
-        if hydra_dir.is_dir():
-            self.client.log_artifacts(self.run_id, str(hydra_dir), ".hydra")
-        return self
+        return self.client.create_run(experiment_id, run_name=self.cfg.mlflow.run_name, tags=tags).info.run_id
 
     def __exit__(self, exc_type, exc, tb):
         status = "FINISHED" if exc_type is None else "FAILED"
