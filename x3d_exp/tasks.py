@@ -64,8 +64,14 @@ def task_test(cfg: DictConfig) -> dict:
     return test(cfg)
 
 
+def task_infer(cfg: DictConfig) -> dict:
+    from x3d_exp.infer import task_infer as infer
+
+    return infer(cfg)
+
+
 TASKS = {"summary": task_summary, "train": task_train, "test": task_test, "convert": task_convert,
-         "export": task_export}
+         "export": task_export, "infer": task_infer}
 
 
 def run_task(cfg: DictConfig):

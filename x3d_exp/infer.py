@@ -1,0 +1,211 @@
+"""`task=infer`: classify video files with a checkpoint, multi-view like the test protocol.
+
+    python run.py task=infer model=x3d_m ckpt=x3d_m.ckpt infer.inputs=[a.mp4,b.avi] infer.labels=classes.txt
+
+Every input gives `data.test_num_clips x data.test_num_crops` views (clips spread over the video, crops across the
+frame resized to the test crop), exactly as the test split does; the softmax is averaged over the views.
+
+Output, per video in input order: one JSON line `{"video": path, "top5": [{"label", "index", "prob"}, ...]}` on
+stdout (fewer than 5 entries if the model has fewer classes), or a small table when stdout is a terminal
+(`infer.output=auto|json|table`). Then one summary line `{"task": "infer", "videos": N, "failed": M, ...}`.
+An input that is missing or cannot be decoded gives `error: <path>: <reason>` on stderr and the others are still
+processed; if any failed the run ends with one more error line and exit status 2.
+
+The class count is the checkpoint's (rows of its classifier), whatever `data.num_classes` says. Class names come
+from `infer.labels` (one per line), else from the configured dataset's annotation if it can be read and has that
+many classes (never generated or downloaded for this), else `label` is null.
+
+No MLflow run is made: inference records nothing but its output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+TOP_K = 5
+OUTPUTS = ("auto", "json", "table")
+
+
+def _user_error(message: str) -> Exception:
+    # Imported here: x3d_exp.tasks imports this module lazily from its TASKS table.
+    from x3d_exp.tasks import UserError
+
+    return UserError(message)
+
+
+def read_labels(path: str, num_classes: int) -> List[str]:
+    """One class name per line (trailing blank lines ignored); must name exactly `num_classes` classes."""
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise _user_error(f"infer.labels={path}: cannot read ({err})") from None
+    while lines and not lines[-1]:
+        lines.pop()
+    blank = [i + 1 for i, line in enumerate(lines) if not line]
+    if blank:
+        raise _user_error(f"infer.labels={path}:{blank[0]}: empty class name")
+    if len(lines) != num_classes:
+        raise _user_error(f"infer.labels={path}: {len(lines)} names but the checkpoint has {num_classes} classes")
+    return lines
+
+
+def dataset_labels(data: DictConfig, num_classes: int) -> Tuple[Optional[List[str]], str]:
+    """(class names, where from) from the dataset annotation, or (None, why not).
+
+    Any split's annotation will do: every reader numbers classes from one class list (the train csv, classInd),
+    and an evaluation-only copy may hold no train list.
+    """
+    from x3d_exp.data import DataError
+    from x3d_exp.data.annotations import SPLITS, load_split
+
+    if OmegaConf.is_missing(data, "root") or not data.root:
+        return None, f"data.root is not set for data={data.name}"
+    reasons = []
+    for split in SPLITS:
+        try:
+            videos = load_split(data.format, Path(str(data.root)).expanduser(), split,
+                                annotation_prefix=data.annotation_prefix, num_classes=int(data.num_classes),
+                                fold=int(data.split))
+        except DataError as err:
+            reasons.append(str(err))
+            continue
+        if len(videos.class_names) != num_classes:
+            return None, f"{videos.annotation} has {len(videos.class_names)} classes, the checkpoint {num_classes}"
+        return list(videos.class_names), videos.annotation
+    return None, reasons[0]
+
+
+def top_k(probs: np.ndarray, names: Optional[List[str]]) -> List[dict]:
+    # Stable sort: equal probabilities keep class order, so the output is reproducible.
+    order = np.argsort(-probs, kind="stable")[:TOP_K]
+    return [{"label": names[i] if names else None, "index": int(i), "prob": float(probs[i])} for i in order]
+
+
+def format_table(record: dict, views: int) -> str:
+    rows = [f"{record['video']}  ({views} views)", "  rank    prob  index  label"]
+    for rank, entry in enumerate(record["top5"], start=1):
+        label = entry["label"] if entry["label"] is not None else "-"
+        rows.append(f"  {rank:>4}  {100 * entry['prob']:5.1f}%  {entry['index']:>5}  {label}")
+    return "\n".join(rows) + "\n"
+
+
+class _Video:
+    """Probabilities of one input's views, summed as its batches come back."""
+
+    def __init__(self, path: str, views: int):
+        self.path, self.views, self.remaining = path, views, views
+        self.prob_sum = 0.0
+
+
+def _predict(network, rows: List[Tuple[_Video, np.ndarray]], batch_size: int) -> None:
+    import mindspore as ms
+
+    from x3d_exp.engine import _softmax
+
+    batch = np.stack([view for _, view in rows])
+    if len(rows) < batch_size:
+        # One batch shape for the whole run: graph mode would compile the network again for a smaller batch.
+        batch = np.concatenate([batch, np.zeros((batch_size - len(rows), *batch.shape[1:]), batch.dtype)])
+    logits = network(ms.Tensor(batch)).asnumpy()[:len(rows)]
+    for (video, _), probs in zip(rows, _softmax(logits.astype(np.float64))):
+        video.prob_sum = video.prob_sum + probs
+        video.remaining -= 1
+
+
+def task_infer(cfg: DictConfig) -> dict:
+    from x3d_exp.data import DataError, load_video_views
+    from x3d_exp.engine import build_network, input_sizes, setup_context
+    from x3d_exp.weights import WeightsError, load_params, read_params
+
+    started = time.time()
+    options = cfg.get("infer") or {}
+    inputs = options.get("inputs") or []
+    inputs = [str(inputs)] if isinstance(inputs, str) else [str(p) for p in inputs]
+    if not inputs:
+        raise _user_error("infer.inputs: give the videos to classify (infer.inputs=[a.mp4,b.avi])")
+    ckpt = cfg.get("ckpt")
+    if not ckpt:
+        raise _user_error("task=infer needs ckpt=PATH (a .ckpt from task=train or task=convert)")
+    if not os.path.isfile(ckpt):
+        raise _user_error(f"ckpt={ckpt}: no such file")
+    output = str(options.get("output") or "auto")
+    if output not in OUTPUTS:
+        raise _user_error(f"infer.output={output}: must be one of {', '.join(OUTPUTS)}")
+    table = output == "table" or (output == "auto" and sys.stdout.isatty())
+    data = cfg.data
+    batch_size = int(options.get("batch_size") or data.eval_batch_size or data.batch_size)
+    if batch_size < 1:
+        raise _user_error(f"infer.batch_size={batch_size}: must be >= 1")
+
+    params = read_params(ckpt)
+    num_classes = int(params["head.proj.weight"].shape[0]) if "head.proj.weight" in params else int(data.num_classes)
+    labels = options.get("labels")
+    if labels:
+        names, label_source = read_labels(str(labels), num_classes), str(labels)
+    else:
+        names, label_source = dataset_labels(data, num_classes)
+        if names is None:
+            print(f"note: printing class indices only (no infer.labels, and no class names from the dataset: "
+                  f"{label_source})", file=sys.stderr)
+            label_source = None
+
+    device = setup_context(cfg)
+    network = build_network(OmegaConf.merge(cfg, {"data": {"num_classes": num_classes}}), device)
+    try:
+        load_params(network, params)
+    except WeightsError as err:
+        raise _user_error(f"ckpt={ckpt}: {err}") from None
+    network.set_train(False)
+    sizes = input_sizes(cfg, network.spec)
+    view_args = dict(num_frames=sizes["num_frames"], sampling_rate=sizes["sampling_rate"],
+                     test_crop_size=sizes["test_crop_size"], num_clips=int(data.test_num_clips),
+                     num_crops=int(data.test_num_crops), target_fps=float(data.target_fps))
+
+    def emit(video: _Video) -> None:
+        record = {"video": video.path, "top5": top_k(video.prob_sum / video.views, names)}
+        sys.stdout.write(format_table(record, video.views) if table else json.dumps(record) + "\n")
+        sys.stdout.flush()
+
+    # Views of consecutive videos share batches (no padding per video); a video is printed once all its views
+    # are back, and since batches run in input order, so are the lines.
+    waiting: List[_Video] = []
+    rows: List[Tuple[_Video, np.ndarray]] = []
+    failed = 0
+
+    def flush(final: bool) -> None:
+        nonlocal rows
+        while len(rows) >= batch_size or (final and rows):
+            _predict(network, rows[:batch_size], batch_size)
+            rows = rows[batch_size:]
+        while waiting and waiting[0].remaining == 0:
+            emit(waiting.pop(0))
+
+    for path in inputs:
+        try:
+            views = load_video_views(path, **view_args)
+        except DataError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
+        video = _Video(path, len(views))
+        waiting.append(video)
+        rows.extend((video, view) for view in views)
+        flush(final=False)
+    flush(final=True)
+
+    summary = {"task": "infer", "model": cfg.model.name, "ckpt": ckpt, "num_classes": num_classes,
+               "views": view_args["num_clips"] * view_args["num_crops"], "labels": label_source,
+               "videos": len(inputs), "failed": failed, "seconds": round(time.time() - started, 1)}
+    if failed:
+        # The summary still closes stdout for scripts; the error then sets exit status 2 like other user errors.
+        print(json.dumps(summary), flush=True)
+        raise _user_error(f"{failed} of {len(inputs)} inputs could not be read (named above)")
+    return summary
