@@ -56,8 +56,9 @@ class OptimConfig:
 class ScheduleConfig:
     name: str = "cosine_warmup"
     warmup_epochs: float = 1.0
-    warmup_start_lr: float = 0.01
-    end_lr: float = 1e-4
+    # null: a fixed fraction of optim.lr (1/10 and 1/1000), so switching optimizer or lr keeps the shape.
+    warmup_start_lr: Optional[float] = None
+    end_lr: Optional[float] = None
     milestones: List[int] = field(default_factory=list)
     gamma: float = 0.1
 

@@ -66,16 +66,18 @@ def build_network(cfg: DictConfig, device: str):
 
 def lr_per_step(cfg: DictConfig, steps_per_epoch: int, base_lr: float) -> List[float]:
     """One learning rate per iteration: linear warmup, then cosine (or step decay) to the end."""
-    total = cfg.trainer.epochs * steps_per_epoch
-    warmup = int(round(cfg.schedule.warmup_epochs * steps_per_epoch))
     sched = cfg.schedule
+    total = cfg.trainer.epochs * steps_per_epoch
+    warmup = int(round(sched.warmup_epochs * steps_per_epoch))
+    start_lr = base_lr / 10 if sched.warmup_start_lr is None else float(sched.warmup_start_lr)
+    end_lr = base_lr / 1000 if sched.get("end_lr") is None else float(sched.end_lr)
     rates = []
     for step in range(total):
         if step < warmup:
-            rates.append(sched.warmup_start_lr + (base_lr - sched.warmup_start_lr) * step / warmup)
+            rates.append(start_lr + (base_lr - start_lr) * step / warmup)
         elif sched.name == "cosine_warmup":
             progress = (step - warmup) / max(1, total - warmup)
-            rates.append(sched.end_lr + (base_lr - sched.end_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
+            rates.append(end_lr + (base_lr - end_lr) * 0.5 * (1 + math.cos(math.pi * progress)))
         else:
             passed = sum(1 for m in sched.milestones if step >= m * steps_per_epoch)
             rates.append(base_lr * sched.gamma ** passed)
@@ -271,7 +273,7 @@ class TrainMonitor(Callback):
         step = (args.cur_epoch_num - 1) * self.steps_per_epoch + self._step_in_epoch
         loss = float(np.mean(args.net_outputs.asnumpy()))
         if not np.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss} at step {step}; lower optim.lr")
+            raise UserError(f"training diverged: loss {loss} at step {step}; try a lower optim.lr (now {self.cfg.optim.lr})")
         self._epoch_loss.append(loss)
         now = time.time()
         clips_per_s = int(self.cfg.data.batch_size) / max(now - self._t_step, 1e-9)
