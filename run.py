@@ -21,4 +21,10 @@ def main(cfg: DictConfig):
 
 
 if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    from x3d_exp.launch import check_overrides
+
+    check_overrides(str(Path(__file__).resolve().parent / "conf"), "config", sys.argv[1:])
     main()

@@ -1,0 +1,67 @@
+"""Running the real `run.py` CLI in tests: tiny settings, a private data cache and a private sqlite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+
+# X3D-XS unchanged; the synthetic set shrunk to 16 training videos of 32x32 crops so a job takes seconds.
+TINY = ["data.synthetic.train_per_class=4", "data.synthetic.val_per_class=2", "data.synthetic.test_per_class=2",
+        "data.synthetic.frames=24", "data.synthetic.size=40", "data.crop_size=32", "data.test_crop_size=32",
+        "data.train_scale=[32,40]", "data.batch_size=4", "data.num_workers=0", "data.test_num_clips=1",
+        "trainer.log_every=1"]
+
+
+def cli_env(cache: Path) -> dict:
+    env = dict(os.environ)
+    env["X3D_EXP_CACHE"] = str(cache)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_cli(args: List[str], *, cwd: Path, cache: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=cli_env(cache),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def final_json(stdout: str) -> dict:
+    """The JSON object on the last non-empty stdout line (every task ends with one)."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert lines, "no output on stdout"
+    return json.loads(lines[-1])
+
+
+def store_uri(directory: Path) -> str:
+    return f"sqlite:///{directory / 'mlflow.db'}"
+
+
+def runs_of(uri: str, experiment: str = "x3d-exp", filter_string: str = "") -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment!r} in {uri}"
+    return client.search_runs([found.experiment_id], filter_string=filter_string, max_results=1000)
+
+
+def metric_steps(uri: str, run_id: str, key: str) -> List[int]:
+    from mlflow.tracking import MlflowClient
+
+    return [m.step for m in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+def artifact_paths(uri: str, run_id: str, path: Optional[str] = None) -> List[str]:
+    """Every artifact file of a run, recursively, as relative paths."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    out = []
+    for info in client.list_artifacts(run_id, path):
+        out.extend(artifact_paths(uri, run_id, info.path) if info.is_dir else [info.path])
+    return out

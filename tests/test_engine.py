@@ -1,0 +1,247 @@
+"""Engine tests: real training steps through the real CLI, a real sqlite MLflow store, a real `mlflow server`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from tests.cli_helpers import (REPO, TINY, artifact_paths, cli_env, final_json, metric_steps, run_cli, runs_of,
+                               store_uri)
+from x3d_exp.config import register_configs, validate
+
+register_configs()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache):
+    """One finished 2-epoch training run, shared by the tests that inspect what it left behind."""
+    work = tmp_path_factory.mktemp("train")
+    done = run_cli(TINY + ["trainer.epochs=2", f"hydra.run.dir={work / 'run'}", f"mlflow.tracking_uri={store_uri(work)}"],
+                   cwd=work, cache=cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work, final_json(done.stdout), done
+
+
+def test_train_run_is_finished_with_params_metrics_and_artifacts(trained):
+    work, result, done = trained
+    for key in ("task", "run_id", "model", "params", "val_top1", "test_top1", "test_top5", "epochs", "seconds",
+                "world_size"):
+        assert key in result
+    assert result["task"] == "train" and result["epochs"] == 2 and result["model"] == "x3d_xs"
+    assert "mlflow ui --backend-store-uri sqlite:///" in done.stdout
+    uri = store_uri(work)
+    (run,) = runs_of(uri)
+    assert run.info.run_id == result["run_id"] and run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.gamma_w"] == "1.0" and params["optim.lr"] == "0.1" and params["data.batch_size"] == "4"
+    assert int(params["model_params"]) == result["params"] and float(params["model_gmacs"]) > 0
+    assert run.data.tags["task"] == "train" and "data.batch_size=4" in run.data.tags["hydra_overrides"]
+    # 16 training videos in batches of 4, logged every step: one loss per step over both epochs.
+    assert metric_steps(uri, run.info.run_id, "train/loss") == list(range(1, 9))
+    assert metric_steps(uri, run.info.run_id, "val/top1") == [4, 8]
+    for key in ("train/lr", "train/clips_per_s", "val/loss", "val/top5", "data/bad_videos"):
+        assert key in run.data.metrics
+    assert run.data.metrics["test/top1"] == pytest.approx(result["test_top1"])
+    artifacts = artifact_paths(uri, run.info.run_id)
+    for expected in (".hydra/config.yaml", ".hydra/overrides.yaml", "checkpoints/best.ckpt",
+                     "checkpoints/epoch0002.ckpt", "plots/learning_curves.png", "plots/per_class_accuracy.png",
+                     "model_summary.txt", "per_class_accuracy.json"):
+        assert expected in artifacts, artifacts
+
+
+def test_learning_rate_follows_warmup_then_cosine(trained):
+    work, result, _ = trained
+    from mlflow.tracking import MlflowClient
+
+    rates = [m.value for m in sorted(MlflowClient(store_uri(work)).get_metric_history(result["run_id"], "train/lr"),
+                                     key=lambda m: m.step)]
+    # One warmup epoch (4 steps) from lr/10 up to lr, then a falling half-cosine.
+    assert rates[0] == pytest.approx(0.01)
+    assert rates[:5] == sorted(rates[:5]) and rates[4] == pytest.approx(0.1)
+    assert rates[4:] == sorted(rates[4:], reverse=True) and rates[-1] < 0.1
+
+
+def test_test_task_on_the_best_checkpoint_reproduces_the_final_test(trained, cache, tmp_path):
+    work, result, _ = trained
+    best = work / "run" / "checkpoints" / "best.ckpt"
+    done = run_cli(TINY + ["task=test", f"ckpt={best}", f"hydra.run.dir={tmp_path / 'run'}",
+                           f"mlflow.tracking_uri={store_uri(tmp_path)}"], cwd=tmp_path, cache=cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tested = final_json(done.stdout)
+    assert tested["task"] == "test" and tested["test_top1"] == pytest.approx(result["test_top1"])
+    (run,) = runs_of(store_uri(tmp_path))
+    assert run.info.status == "FINISHED" and run.data.metrics["test/top1"] == pytest.approx(result["test_top1"])
+
+
+def test_resume_after_kill_finishes_the_planned_epochs_in_the_same_run(cache, tmp_path):
+    run_dir = tmp_path / "run"
+    uri = store_uri(tmp_path)
+    args = TINY + ["trainer.epochs=3", f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri={uri}"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=tmp_path, env=cli_env(cache),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    first = run_dir / "checkpoints" / "epoch0001.ckpt"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists(), proc.stderr.read().decode()[-3000:]
+    assert not (run_dir / "checkpoints" / "epoch0003.ckpt").exists(), "the run finished before it was killed"
+    (killed,) = runs_of(uri)
+    assert killed.info.status == "RUNNING"  # kill -9 leaves no chance to close it: resume does
+
+    done = run_cli(args + ["resume=auto"], cwd=tmp_path, cache=cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout
+    result = final_json(done.stdout)
+    assert result["epochs"] == 3 and result["run_id"] == killed.info.run_id
+    (run,) = runs_of(uri)
+    assert run.info.status == "FINISHED" and run.data.tags.get("resumed") == "true"
+    # Steps may repeat where the killed epoch is replayed, but the axis has no gap and reaches the planned end.
+    assert sorted(set(metric_steps(uri, run.info.run_id, "train/loss"))) == list(range(1, 13))
+    assert sorted(set(metric_steps(uri, run.info.run_id, "val/top1"))) == [4, 8, 12]
+    history = json.loads((run_dir / "checkpoints" / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("epoch*.ckpt")) == ["epoch0002.ckpt",
+                                                                                     "epoch0003.ckpt"]
+
+
+def test_a_run_that_fails_is_marked_failed(cache, tmp_path):
+    done = run_cli(TINY + ["trainer.epochs=1", f"ckpt={tmp_path / 'no_such.ckpt'}", f"hydra.run.dir={tmp_path / 'run'}",
+                           f"mlflow.tracking_uri={store_uri(tmp_path)}"], cwd=tmp_path, cache=cache)
+    assert done.returncode != 0
+    assert "no_such.ckpt" in done.stderr.strip().splitlines()[-1] and "Traceback" not in done.stderr
+    (run,) = runs_of(store_uri(tmp_path))
+    assert run.info.status == "FAILED" and "no_such.ckpt" in run.data.tags["error"]
+
+
+def test_an_interrupted_run_is_marked_failed(cache, tmp_path):
+    uri = store_uri(tmp_path)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *TINY, "trainer.epochs=50",
+                             f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri={uri}"],
+                            cwd=tmp_path, env=cli_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "epoch0001.ckpt").exists() and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) != 0
+    (run,) = runs_of(uri)
+    assert run.info.status == "FAILED" and "KeyboardInterrupt" in run.data.tags["error"]
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["model=x3d_q"], "model=x3d_q"),
+    (["optim.lr=-0.1"], "optim.lr"),
+    (["data.batch_size=0"], "data.batch_size"),
+    (["model.gamma_d=abc"], "model.gamma_d"),
+    (["model.gamma_d=-1"], "model.gamma_d"),
+    (["model.no_such_key=1"], "model.no_such_key"),
+    (["data=k400", "data.root=/no/such/k400"], "/no/such/k400"),
+])
+def test_bad_overrides_exit_non_zero_with_one_line(overrides, named, cache, tmp_path):
+    done = run_cli(overrides + [f"hydra.run.dir={tmp_path / 'run'}", f"mlflow.tracking_uri={store_uri(tmp_path)}"],
+                   cwd=tmp_path, cache=cache, timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and named in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    if overrides[0] == "model=x3d_q":
+        assert "x3d_xs" in errors[0]  # the valid options are listed
+
+
+def test_every_group_option_composes_and_validates():
+    options = {group: sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+               for group in ("model", "data", "optim", "schedule", "launcher")}
+    assert {"x2d", "x3d_xs", "x3d_s", "x3d_m", "x3d_l", "x3d_xl"} <= set(options["model"])
+    assert {"synthetic", "k400", "k600", "ucf101"} <= set(options["data"])
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        default = compose("config")
+        assert (default.model.name, default.data.name, default.optim.name, default.schedule.name,
+                default.launcher.name, default.task) == ("x3d_xs", "synthetic", "sgd", "cosine_warmup", "local",
+                                                         "train")
+        for group, names in options.items():
+            for name in names:
+                cfg = compose("config", overrides=[f"{group}={name}"])
+                validate(cfg)
+                assert cfg[group].name == name
+
+
+def test_optimizer_has_no_weight_decay_on_bn_and_biases():
+    from x3d_exp.engine import build_optimizer
+    from x3d_exp.models import build_model
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        cfg = compose("config")
+    network = build_model("x3d_xs", num_classes=4)
+    optimizer, rates = build_optimizer(cfg, network, steps_per_epoch=5)
+    assert len(rates) == cfg.trainer.epochs * 5
+    decay = dict(zip([p.name for p in optimizer.parameters], optimizer.decay_flags))
+    assert decay and all(not decay[n] for n in decay if n.endswith(("gamma", "beta", "bias")))
+    assert all(decay[n] for n in decay if n.endswith("weight"))
+
+
+def test_video_metrics_average_softmax_over_views():
+    from x3d_exp.engine import video_metrics
+
+    # Video 0: one confident wrong view, two milder right ones: the average is right, the most confident view is not.
+    prob_sum = {0: np.array([0.9, 0.1, 0.0]) + np.array([0.2, 0.8, 0.0]) + np.array([0.2, 0.8, 0.0]),
+                1: np.array([0.2, 0.3, 0.5]) * 3}
+    metrics = video_metrics(prob_sum, {0: 1, 1: 1}, loss_sum=6.0, views=6, num_classes=3)
+    assert metrics["top1"] == 0.5 and metrics["top5"] == 1.0 and metrics["loss"] == 1.0
+    assert metrics["per_class"][1] == 0.5 and np.isnan(metrics["per_class"][0])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_mlflow_server_serves_the_run_and_its_test_top1(trained, tmp_path):
+    work, result, _ = trained
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri(work),
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/experiments/get-by-name?experiment_name=x3d-exp", timeout=2) as r:
+                    experiment = json.load(r)["experiment"]
+                break
+            except OSError:
+                assert time.time() < deadline, "mlflow server did not come up"
+                time.sleep(0.5)
+        query = json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode()
+        request = urllib.request.Request(f"{base}/runs/search", data=query,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            runs = json.load(r)["runs"]
+        (run,) = [r for r in runs if r["info"]["run_id"] == result["run_id"]]
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        assert run["info"]["status"] == "FINISHED"
+        assert metrics["test/top1"] == pytest.approx(result["test_top1"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
