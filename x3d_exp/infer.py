@@ -30,15 +30,10 @@ from typing import List, Optional, Tuple
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from x3d_exp.tasks import UserError
+
 TOP_K = 5
 OUTPUTS = ("auto", "json", "table")
-
-
-def _user_error(message: str) -> Exception:
-    # Imported here: x3d_exp.tasks imports this module lazily from its TASKS table.
-    from x3d_exp.tasks import UserError
-
-    return UserError(message)
 
 
 def read_labels(path: str, num_classes: int) -> List[str]:
@@ -46,14 +41,14 @@ def read_labels(path: str, num_classes: int) -> List[str]:
     try:
         lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError) as err:
-        raise _user_error(f"infer.labels={path}: cannot read ({err})") from None
+        raise UserError(f"infer.labels={path}: cannot read ({err})") from None
     while lines and not lines[-1]:
         lines.pop()
     blank = [i + 1 for i, line in enumerate(lines) if not line]
     if blank:
-        raise _user_error(f"infer.labels={path}:{blank[0]}: empty class name")
+        raise UserError(f"infer.labels={path}:{blank[0]}: empty class name")
     if len(lines) != num_classes:
-        raise _user_error(f"infer.labels={path}: {len(lines)} names but the checkpoint has {num_classes} classes")
+        raise UserError(f"infer.labels={path}: {len(lines)} names but the checkpoint has {num_classes} classes")
     return lines
 
 
@@ -130,20 +125,20 @@ def task_infer(cfg: DictConfig) -> dict:
     inputs = options.get("inputs") or []
     inputs = [str(inputs)] if isinstance(inputs, str) else [str(p) for p in inputs]
     if not inputs:
-        raise _user_error("infer.inputs: give the videos to classify (infer.inputs=[a.mp4,b.avi])")
+        raise UserError("infer.inputs: give the videos to classify (infer.inputs=[a.mp4,b.avi])")
     ckpt = cfg.get("ckpt")
     if not ckpt:
-        raise _user_error("task=infer needs ckpt=PATH (a .ckpt from task=train or task=convert)")
+        raise UserError("task=infer needs ckpt=PATH (a .ckpt from task=train or task=convert)")
     if not os.path.isfile(ckpt):
-        raise _user_error(f"ckpt={ckpt}: no such file")
+        raise UserError(f"ckpt={ckpt}: no such file")
     output = str(options.get("output") or "auto")
     if output not in OUTPUTS:
-        raise _user_error(f"infer.output={output}: must be one of {', '.join(OUTPUTS)}")
+        raise UserError(f"infer.output={output}: must be one of {', '.join(OUTPUTS)}")
     table = output == "table" or (output == "auto" and sys.stdout.isatty())
     data = cfg.data
     batch_size = int(options.get("batch_size") or data.eval_batch_size or data.batch_size)
     if batch_size < 1:
-        raise _user_error(f"infer.batch_size={batch_size}: must be >= 1")
+        raise UserError(f"infer.batch_size={batch_size}: must be >= 1")
 
     params = read_params(ckpt)
     num_classes = int(params["head.proj.weight"].shape[0]) if "head.proj.weight" in params else int(data.num_classes)
@@ -162,7 +157,7 @@ def task_infer(cfg: DictConfig) -> dict:
     try:
         load_params(network, params)
     except WeightsError as err:
-        raise _user_error(f"ckpt={ckpt}: {err}") from None
+        raise UserError(f"ckpt={ckpt}: {err}") from None
     network.set_train(False)
     sizes = input_sizes(cfg, network.spec)
     view_args = dict(num_frames=sizes["num_frames"], sampling_rate=sizes["sampling_rate"],
@@ -207,5 +202,5 @@ def task_infer(cfg: DictConfig) -> dict:
     if failed:
         # The summary still closes stdout for scripts; the error then sets exit status 2 like other user errors.
         print(json.dumps(summary), flush=True)
-        raise _user_error(f"{failed} of {len(inputs)} inputs could not be read (named above)")
+        raise UserError(f"{failed} of {len(inputs)} inputs could not be read (named above)")
     return summary
