@@ -13,7 +13,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
@@ -21,6 +21,7 @@ from mindspore import nn
 from mindspore.train import Callback, Model
 from omegaconf import DictConfig
 
+from x3d_exp.distributed import SINGLE, Dist, average_batchnorm_statistics, check_replicas, merge_video_scores
 from x3d_exp.tasks import UserError
 
 log = logging.getLogger("x3d_exp.engine")
@@ -38,7 +39,8 @@ def resolve_device(setting: str) -> str:
 
 
 def setup_context(cfg: DictConfig) -> str:
-    device = resolve_device(cfg.device)
+    # A distributed launcher names its device (its collective library only exists there).
+    device = resolve_device(cfg.launcher.device or cfg.device)
     mode = ms.GRAPH_MODE if cfg.trainer.graph_mode else ms.PYNATIVE_MODE
     ms.set_context(mode=mode, device_target=device)
     ms.set_seed(int(cfg.seed))
@@ -151,9 +153,11 @@ def video_metrics(prob_sum: Dict[int, np.ndarray], labels: Dict[int, int], loss_
             "videos": len(videos), "per_class": per_class}
 
 
-def evaluate(network: nn.Cell, loader, num_classes: int, cfg: DictConfig, desc: str) -> Dict[str, object]:
-    """Video-level metrics of one split: the loss is per view, accuracy per video."""
-    return video_metrics(*collect_scores(network, loader, cfg, desc), num_classes)
+def evaluate(network: nn.Cell, loader, num_classes: int, cfg: DictConfig, desc: str,
+             dist: Dist = SINGLE) -> Dict[str, object]:
+    """Video-level metrics of one split: the loss is per view, accuracy per video; over all ranks' shards."""
+    scores = merge_video_scores(*collect_scores(network, loader, cfg, desc), loader.num_videos, num_classes, dist)
+    return video_metrics(*scores, num_classes)
 
 
 # ---------------------------------------------------------------- checkpoints and resume
@@ -232,11 +236,17 @@ class TrainMonitor(Callback):
 
     Steps are numbered globally from the epoch, (epoch - 1) * steps_per_epoch + i, so a resumed run continues
     the same MLflow step axis.
+
+    Distributed: every rank trains, averages its BN statistics with the others and validates its shard; only rank 0
+    writes checkpoints and history. Every rank keeps the best weights in memory, so all test the same model.
     """
 
     def __init__(self, tracker, network: nn.Cell, val_loader, train_dir: Path, cfg: DictConfig,
-                 rates: List[float], steps_per_epoch: int, loaders, start: Optional[dict] = None):
+                 rates: List[float], steps_per_epoch: int, loaders, start: Optional[dict] = None,
+                 dist: Dist = SINGLE):
         super().__init__()
+        self.dist = dist
+        self.best_weights: Optional[Dict[str, np.ndarray]] = None
         self.tracker = tracker
         self.network = network
         self.val_loader = val_loader
@@ -276,7 +286,8 @@ class TrainMonitor(Callback):
             raise UserError(f"training diverged: loss {loss} at step {step}; try a lower optim.lr (now {self.cfg.optim.lr})")
         self._epoch_loss.append(loss)
         now = time.time()
-        clips_per_s = int(self.cfg.data.batch_size) / max(now - self._t_step, 1e-9)
+        # All ranks step together, so this is the global rate; train/loss is rank 0's own batch.
+        clips_per_s = int(self.cfg.data.batch_size) * self.dist.world_size / max(now - self._t_step, 1e-9)
         self._t_step = now
         self._bar.update(1)
         self._bar.set_postfix(loss=f"{loss:.3f}")
@@ -292,18 +303,26 @@ class TrainMonitor(Callback):
         record = {"epoch": epoch, "step": step, "train_loss": float(np.mean(self._epoch_loss))}
         metrics = {"train/epoch_loss": record["train_loss"], "epoch": epoch}
         improved = False
+        # Before validating or saving, so the checkpoint holds the statistics the ranks evaluated with.
+        average_batchnorm_statistics(self.network, self.dist)
         if epoch % self.cfg.trainer.eval_every == 0 or epoch == self.cfg.trainer.epochs:
-            val = evaluate(self.network, self.val_loader, int(self.cfg.data.num_classes), self.cfg, "val")
+            val = evaluate(self.network, self.val_loader, int(self.cfg.data.num_classes), self.cfg, "val", self.dist)
             self.network.set_train(True)
             record.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
             metrics.update({"val/loss": val["loss"], "val/top1": val["top1"], "val/top5": val["top5"]})
             improved = val["top1"] > self.best_top1
             self.best_top1 = max(self.best_top1, val["top1"])
-        metrics["data/bad_videos"] = sum(len(loader.bad_videos()) for loader in self.loaders)
+        bad = sum(len(loader.bad_videos()) for loader in self.loaders)
+        metrics["data/bad_videos"] = int(round(self.dist.all_reduce_sum(np.array([bad]))[0]))
         self.tracker.log_metrics(metrics, step)
         for loader in self.loaders:
             loader.check_bad_fraction()
         self.history.append(record)
+        if improved:
+            self.best_weights = {p.name: p.asnumpy().copy() for p in self.network.get_parameters()}
+        if not self.dist.is_main:
+            log.info("epoch %d: %s", epoch, json.dumps(record))
+            return
         state = {"epoch": epoch, "step": step, "best_top1": self.best_top1}
         train_network = args.train_network
         if improved:
@@ -367,12 +386,12 @@ def save_plots(history: List[dict], per_class: List[float], class_names: List[st
 
 # ---------------------------------------------------------------- tasks
 
-def _loaders(cfg: DictConfig, spec, run_dir: Path, splits):
+def _loaders(cfg: DictConfig, spec, run_dir: Path, splits, dist: Dist = SINGLE):
     from x3d_exp.data import build_loader
 
     sizes = input_sizes(cfg, spec)
     return {split: build_loader(cfg.data, split, seed=int(cfg.seed), bad_log_dir=str(run_dir / "bad_videos"),
-                                **sizes) for split in splits}
+                                shard_id=dist.rank, num_shards=dist.world_size, **sizes) for split in splits}
 
 
 def _run_dir() -> Path:
@@ -388,15 +407,42 @@ def _amp_level(cfg: DictConfig, device: str) -> str:
     return str(cfg.amp_level)
 
 
+def _join(cfg: DictConfig) -> Tuple[str, Dist]:
+    from x3d_exp.distributed import join
+
+    device = setup_context(cfg)
+    return device, join(device)
+
+
+def _restore_best(network: nn.Cell, monitor: "TrainMonitor") -> None:
+    """The best validated weights: this session's copy in memory, else (a resumed run) best.ckpt, else the last."""
+    if monitor.best_weights is not None:
+        for param in network.get_parameters():
+            param.set_data(ms.Tensor(monitor.best_weights[param.name]))
+    elif (monitor.ckpt_dir / "best.ckpt").is_file():
+        ms.load_param_into_net(network, ms.load_checkpoint(str(monitor.ckpt_dir / "best.ckpt")))
+
+
+def _leave_result(result: dict, out_dir: Path, dist: Dist) -> None:
+    """Rank 0's result for the msrun launcher, which prints it (x3d_exp.msrun)."""
+    if dist.world_size > 1 and dist.is_main:
+        from x3d_exp.msrun import RESULT_FILE
+
+        _write_atomic(out_dir / RESULT_FILE, json.dumps(result))
+
+
 def task_train(cfg: DictConfig) -> dict:
+    from x3d_exp import msrun
     from x3d_exp.tracking import Tracker
 
+    if msrun.needs_launch(cfg):
+        return msrun.launch(cfg)
     started = time.time()
     train_dir, resume_from = resolve_resume(cfg.resume, _run_dir())
-    device = setup_context(cfg)
+    device, dist = _join(cfg)
     network = build_network(cfg, device)
-    with Tracker(cfg, train_dir, resume=resume_from is not None) as tracker:
-        loaders = _loaders(cfg, network.spec, train_dir, ("train", "val", "test"))
+    with Tracker(cfg, train_dir, resume=resume_from is not None, active=dist.is_main) as tracker:
+        loaders = _loaders(cfg, network.spec, train_dir, ("train", "val", "test"), dist)
         if cfg.ckpt and resume_from is None:
             from x3d_exp.weights import load_pretrained
 
@@ -405,8 +451,9 @@ def task_train(cfg: DictConfig) -> dict:
                 print(f"ckpt={cfg.ckpt}: loaded all but {', '.join(skipped)} (class count differs)")
         if resume_from is None:
             tracker.log_model(network, input_sizes(cfg, network.spec))
+            tracker.log_params({"world_size": dist.world_size})
         train = loaders["train"]
-        optimizer, rates = build_optimizer(cfg, network, train.steps_per_epoch)
+        optimizer, rates = build_optimizer(cfg, network, train.steps_per_epoch, dist.world_size)
         loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
         amp_level = _amp_level(cfg, device)
         scale = ms.amp.DynamicLossScaleManager() if amp_level in ("O2", "O3") else None
@@ -421,56 +468,66 @@ def task_train(cfg: DictConfig) -> dict:
                              f"trainer.epochs={cfg.trainer.epochs}")
         train.set_epoch(first_epoch)
         monitor = TrainMonitor(tracker, network, loaders["val"], train_dir, cfg, rates, train.steps_per_epoch,
-                               list(loaders.values()), start)
+                               list(loaders.values()), start, dist)
         model.train(int(cfg.trainer.epochs), train.dataset, callbacks=[monitor], dataset_sink_mode=False,
                     initial_epoch=first_epoch)
-        if monitor.best_path is not None:
-            ms.load_param_into_net(network, ms.load_checkpoint(str(monitor.best_path)))
-        result = _test_and_record(cfg, network, loaders["test"], tracker, train_dir, monitor.history)
+        check_replicas(model.train_network, dist, train_dir)
+        _restore_best(network, monitor)
+        result = _test_and_record(cfg, network, loaders["test"], tracker, train_dir, monitor.history, dist)
         tracker.log_artifact(monitor.best_path, "checkpoints")
         if monitor.last_paths:
             tracker.log_artifact(monitor.last_paths[-1], "checkpoints")
         result.update(task="train", run_id=tracker.run_id, val_top1=monitor.best_top1,
                       epochs=int(cfg.trainer.epochs), seconds=round(time.time() - started, 1))
-    print(f"view the run: mlflow ui --backend-store-uri {tracker.display_uri}")
+        _leave_result(result, train_dir, dist)
+    if tracker.active and tracker.owner:
+        print(f"view the run: mlflow ui --backend-store-uri {tracker.display_uri}")
     return result
 
 
-def _test_and_record(cfg, network, test_loader, tracker, run_dir, history) -> dict:
+def _test_and_record(cfg, network, test_loader, tracker, run_dir, history, dist: Dist = SINGLE) -> dict:
     from x3d_exp.models.summary import count_parameters
 
-    metrics = evaluate(network, test_loader, int(cfg.data.num_classes), cfg, "test")
-    tracker.log_metrics({"test/top1": metrics["top1"], "test/top5": metrics["top5"],
-                         "data/bad_videos_test": len(test_loader.bad_videos())}, None)
-    plots = save_plots(history, metrics["per_class"], test_loader.class_names, run_dir / "plots")
-    for plot in plots:
-        tracker.log_artifact(plot, "plots")
-    per_class_path = run_dir / "per_class_accuracy.json"
-    per_class_path.write_text(json.dumps(dict(zip(test_loader.class_names, metrics["per_class"])), indent=1))
-    tracker.log_artifact(per_class_path, None)
+    metrics = evaluate(network, test_loader, int(cfg.data.num_classes), cfg, "test", dist)
+    bad = int(round(dist.all_reduce_sum(np.array([len(test_loader.bad_videos())]))[0]))
+    tracker.log_metrics({"test/top1": metrics["top1"], "test/top5": metrics["top5"], "test/loss": metrics["loss"],
+                         "data/bad_videos_test": bad}, None)
+    if dist.is_main:
+        plots = save_plots(history, metrics["per_class"], test_loader.class_names, run_dir / "plots")
+        for plot in plots:
+            tracker.log_artifact(plot, "plots")
+        per_class_path = run_dir / "per_class_accuracy.json"
+        per_class_path.write_text(json.dumps(dict(zip(test_loader.class_names, metrics["per_class"])), indent=1))
+        tracker.log_artifact(per_class_path, None)
     return {"model": cfg.model.name, "params": count_parameters(network), "test_top1": metrics["top1"],
-            "test_top5": metrics["top5"], "test_videos": metrics["videos"], "world_size": 1}
+            "test_top5": metrics["top5"], "test_videos": metrics["videos"], "world_size": dist.world_size}
 
 
 def task_test(cfg: DictConfig) -> dict:
+    from x3d_exp import msrun
     from x3d_exp.tracking import Tracker
 
     if not cfg.ckpt:
         raise UserError("task=test needs ckpt=PATH (a .ckpt written by task=train or task=convert)")
+    if msrun.needs_launch(cfg):
+        return msrun.launch(cfg)
     started = time.time()
     run_dir = _run_dir()
-    device = setup_context(cfg)
+    device, dist = _join(cfg)
     network = build_network(cfg, device)
-    with Tracker(cfg, run_dir) as tracker:
+    with Tracker(cfg, run_dir, active=dist.is_main) as tracker:
         from x3d_exp.weights import load_pretrained
 
         skipped = load_pretrained(network, cfg.ckpt)
         if skipped:
             raise UserError(f"ckpt={cfg.ckpt}: its head does not fit data.num_classes={cfg.data.num_classes}")
-        loaders = _loaders(cfg, network.spec, run_dir, ("test",))
+        loaders = _loaders(cfg, network.spec, run_dir, ("test",), dist)
         tracker.log_model(network, input_sizes(cfg, network.spec))
-        result = _test_and_record(cfg, network, loaders["test"], tracker, run_dir, [])
+        tracker.log_params({"world_size": dist.world_size})
+        result = _test_and_record(cfg, network, loaders["test"], tracker, run_dir, [], dist)
         result.update(task="test", run_id=tracker.run_id, val_top1=None, epochs=0,
                       seconds=round(time.time() - started, 1))
-    print(f"view the run: mlflow ui --backend-store-uri {tracker.display_uri}")
+        _leave_result(result, run_dir, dist)
+    if tracker.active and tracker.owner:
+        print(f"view the run: mlflow ui --backend-store-uri {tracker.display_uri}")
     return result

@@ -1,0 +1,182 @@
+"""`launcher=distributed_cpu|distributed_gpu`: run.py starts itself again under MindSpore's msrun.
+
+The process the user started (the launcher) owns the MLflow run and the exit status: it creates the run, hands its
+id to rank 0 (tracking.ADOPT_ENV), starts msrun with the same overrides and one pinned `hydra.run.dir`, and closes
+the run FINISHED only when msrun reports that every rank exited 0. msrun itself stops all ranks as soon as one
+fails; the launcher stops msrun and everything below it once `launcher.timeout` seconds have passed, so no failure
+leaves the command hanging. Rank 0 leaves its result in `<run dir>/result.json`, which the launcher returns.
+
+Multi-node: the same command on every node with its own `launcher.node_rank`; msrun's scheduler runs on the node
+whose address is `launcher.master_addr`, and only node 0's launcher records the run in MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from x3d_exp.distributed import under_msrun
+from x3d_exp.tasks import UserError
+
+# msrun starts each worker as `python <script> <args>`: the script must be run.py, the only entry point that
+# composes the config. It sits next to the package in the repository (the project is installed editable).
+ENTRY = Path(__file__).resolve().parents[1] / "run.py"
+LOG_DIR = "msrun_logs"
+RESULT_FILE = "result.json"
+# Hydra settings a worker should share with the launcher; the others (mode, sweep dirs, hydra/launcher) would
+# make a worker another multirun.
+FORWARDED_HYDRA = ("hydra.verbose", "hydra.job_logging", "hydra/job_logging", "hydra.hydra_logging",
+                   "hydra/hydra_logging")
+# After SIGTERM, how long msrun and the ranks get to close their logs and the MLflow run before SIGKILL.
+STOP_GRACE_S = 15
+
+
+class LaunchError(UserError):
+    """The distributed run failed or timed out; the message names the failing rank's log."""
+
+
+def world_size(cfg: DictConfig) -> int:
+    return int(cfg.launcher.nproc) * int(cfg.launcher.nnodes)
+
+
+def needs_launch(cfg: DictConfig) -> bool:
+    """True in the process the user started with a world size above 1; false inside msrun's processes."""
+    return world_size(cfg) > 1 and not under_msrun()
+
+
+def check_launcher(cfg: DictConfig) -> None:
+    lc = cfg.launcher
+    problems = []
+    if lc.nnodes < 1:
+        problems.append(f"launcher.nnodes={lc.nnodes}: must be >= 1")
+    if not 0 <= lc.node_rank < lc.nnodes:
+        problems.append(f"launcher.node_rank={lc.node_rank}: must be in [0, launcher.nnodes={lc.nnodes})")
+    if not 1024 <= lc.master_port <= 65535:
+        problems.append(f"launcher.master_port={lc.master_port}: must be in [1024, 65535]")
+    if lc.timeout < 0:
+        problems.append(f"launcher.timeout={lc.timeout}: must be >= 0 (0: no limit)")
+    if lc.device is not None and cfg.device not in ("auto", lc.device):
+        problems.append(f"device={cfg.device} conflicts with launcher={lc.name}, which runs on {lc.device}")
+    if problems:
+        raise UserError("; ".join(problems))
+    if not ENTRY.is_file():
+        raise UserError(f"launcher={lc.name} restarts {ENTRY}, which does not exist (install the repository "
+                        f"with `pip install -e .`)")
+
+
+def worker_args(run_dir: Path) -> list:
+    """run.py's arguments for every rank: the launcher's config source and overrides, one pinned run dir.
+
+    `hydra.output_subdir=null`: the launcher already saved `.hydra/` there, and N ranks rewriting it at once
+    could leave a truncated file.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    args = [f"--config-name={hydra_cfg.job.config_name}"]
+    args += [f"--config-dir={source.path}" for source in hydra_cfg.runtime.config_sources
+             if source.provider == "command-line"]
+    args += list(hydra_cfg.overrides.task)
+    args += [o for o in hydra_cfg.overrides.hydra if o.lstrip("+~").startswith(FORWARDED_HYDRA)]
+    return args + [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
+
+
+def msrun_command(cfg: DictConfig, run_dir: Path) -> list:
+    lc = cfg.launcher
+    return [sys.executable, "-m", "mindspore.parallel.cluster.run",
+            f"--worker_num={world_size(cfg)}", f"--local_worker_num={lc.nproc}",
+            f"--master_addr={lc.master_addr}", f"--master_port={lc.master_port}", f"--node_rank={lc.node_rank}",
+            f"--log_dir={run_dir / LOG_DIR}", "--join=True",
+            # Building the cluster waits for late nodes no longer than the whole run may take (-1: forever).
+            f"--cluster_time_out={lc.timeout if lc.timeout > 0 else -1}",
+            # The console follows this node's first rank; every rank's output is in its own log file.
+            f"--tail_worker_log={lc.node_rank * lc.nproc}",
+            str(ENTRY), *worker_args(run_dir)]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to msrun and every process below it (ranks run in sessions of their own), SIGKILL if still alive."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=STOP_GRACE_S)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+
+
+def _first_error(log_dir: Path) -> str:
+    """The last error line of the first rank log that has one (ranks msrun killed afterwards have none)."""
+    pattern = re.compile(r"^(error: |[\w.]*(Error|Exception|Interrupt)\b)")
+    for path in sorted(log_dir.glob("worker_*.log"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0)):
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if pattern.match(line)]
+        if lines:
+            return f"{path.name}: {lines[-1]}"
+    return "no error line in the worker logs"
+
+
+def launch(cfg: DictConfig) -> dict:
+    """Run this task under msrun; returns rank 0's result (node 0) or this node's summary (other nodes)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from x3d_exp.engine import resolve_resume
+    from x3d_exp.tracking import ADOPT_ENV, Tracker
+
+    check_launcher(cfg)
+    started = time.time()
+    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    # The ranks get the same `resume` and resolve it to the same directory.
+    out_dir, resume_from = resolve_resume(cfg.resume, run_dir) if cfg.task == "train" else (run_dir, None)
+    result_path = out_dir / RESULT_FILE
+    result_path.unlink(missing_ok=True)
+    main_node = cfg.launcher.node_rank == 0
+    cmd = msrun_command(cfg, run_dir)
+    timeout = cfg.launcher.timeout or None
+    with Tracker(cfg, out_dir, resume=resume_from is not None, active=main_node) as tracker:
+        env = dict(os.environ)
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        if tracker.run_id:
+            env[ADOPT_ENV] = tracker.run_id
+        print(f"launcher={cfg.launcher.name}: {world_size(cfg)} ranks ({cfg.launcher.nproc} on node "
+              f"{cfg.launcher.node_rank}), logs in {run_dir / LOG_DIR}", flush=True)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop(proc)
+            raise LaunchError(f"launcher.timeout={cfg.launcher.timeout}s passed: stopped msrun and its ranks; "
+                              f"logs in {run_dir / LOG_DIR}") from None
+        except BaseException:
+            _stop(proc)
+            raise
+        if code != 0:
+            raise LaunchError(f"distributed run failed (msrun exit status {code}): "
+                              f"{_first_error(run_dir / LOG_DIR)}; logs in {run_dir / LOG_DIR}")
+        if not main_node:
+            return {"task": cfg.task, "node_rank": int(cfg.launcher.node_rank), "world_size": world_size(cfg),
+                    "seconds": round(time.time() - started, 1)}
+        if not result_path.is_file():
+            raise LaunchError(f"all ranks exited 0 but rank 0 left no {result_path}")
+        result = json.loads(result_path.read_text())
+        result["seconds"] = round(time.time() - started, 1)
+    if tracker.owner:
+        print(f"view the run: mlflow ui --backend-store-uri {tracker.display_uri}")
+    return result
