@@ -42,7 +42,7 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "sgd"
-    lr: float = 0.1
+    lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-5
@@ -77,7 +77,7 @@ class LauncherConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 10
+    epochs: int = 15
     eval_every: int = 1
     ckpt_every: int = 1
     keep_last: int = 2
