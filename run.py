@@ -15,9 +15,10 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
+    from x3d_exp.sweeps import run_job
     from x3d_exp.tasks import run_task
 
-    return run_task(cfg)
+    return run_job(run_task, cfg)
 
 
 if __name__ == "__main__":

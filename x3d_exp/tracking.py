@@ -26,7 +26,7 @@ MLFLOW_PARAM_LIMIT = 6000
 ADOPT_ENV = "X3D_EXP_MLFLOW_RUN_ID"
 
 
-def _git_commit() -> Optional[str]:
+def git_commit() -> Optional[str]:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
@@ -39,6 +39,21 @@ def _hydra_output_dir() -> Path:
     from hydra.core.hydra_config import HydraConfig
 
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(".")
+
+
+def display_uri(uri: str) -> str:
+    """The store's URI with a relative sqlite path made absolute, so a printed command works anywhere."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
+    """Every param as a string cut to MLflow's limit; log_batch takes at most 100 at a time."""
+    items = [(k, str(v)[:MLFLOW_PARAM_LIMIT]) for k, v in params.items()]
+    for start in range(0, len(items), 90):
+        client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[start:start + 90]])
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -55,23 +70,21 @@ def experiment_id(client: MlflowClient, name: str) -> str:
         return experiment.experiment_id
 
 
-def create_run(client: MlflowClient, cfg: DictConfig, run_dir: Path, tags: Optional[dict] = None) -> str:
+def create_run(client: MlflowClient, cfg: DictConfig, run_dir: Path, tags: Optional[dict] = None,
+               run_name: Optional[str] = None) -> str:
     """A RUNNING run with the standard tags, the flattened config as params and the `.hydra/` files."""
     from hydra.core.hydra_config import HydraConfig
 
     overrides = " ".join(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ""
     all_tags = {"task": cfg.task, "model": cfg.model.name, "data": cfg.data.name,
                 "hydra_overrides": overrides, "run_dir": str(Path(run_dir).resolve())}
-    commit = _git_commit()
+    commit = git_commit()
     if commit:
         all_tags["git_commit"] = commit
     all_tags.update(tags or {})
-    run_id = client.create_run(experiment_id(client, cfg.mlflow.experiment_name), run_name=cfg.mlflow.run_name,
-                               tags=all_tags).info.run_id
-    params = {k: str(v)[:MLFLOW_PARAM_LIMIT] for k, v in flatten(cfg).items()}
-    items = list(params.items())
-    for start in range(0, len(items), 90):  # log_batch takes at most 100 params
-        client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[start:start + 90]])
+    run_id = client.create_run(experiment_id(client, cfg.mlflow.experiment_name),
+                               run_name=run_name or cfg.mlflow.run_name, tags=all_tags).info.run_id
+    log_params(client, run_id, flatten(cfg))
     hydra_dir = _hydra_output_dir() / ".hydra"
     if hydra_dir.is_dir():
         client.log_artifacts(run_id, str(hydra_dir), ".hydra")
@@ -96,11 +109,7 @@ class Tracker:
 
     @property
     def display_uri(self) -> str:
-        """The store's URI with a relative sqlite path made absolute, so the printed command works anywhere."""
-        prefix = "sqlite:///"
-        if self.tracking_uri.startswith(prefix) and not self.tracking_uri.startswith(prefix + "/"):
-            return prefix + str(Path(self.tracking_uri[len(prefix):]).resolve())
-        return self.tracking_uri
+        return display_uri(self.tracking_uri)
 
     def __enter__(self):
         if not self.active:
@@ -133,7 +142,7 @@ class Tracker:
 
     def log_params(self, params: dict):
         if self.active:
-            self.client.log_batch(self.run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
+            log_params(self.client, self.run_id, params)
 
     def log_metrics(self, metrics: dict, step: Optional[int]):
         if not self.active:

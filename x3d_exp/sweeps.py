@@ -1,0 +1,255 @@
+"""Hydra multiruns as one group in MLflow: a parent run per multirun, a child run per job, a summary at the end.
+
+Two pieces, both always on (conf/config.yaml), so ad-hoc sweeps are grouped like those in multirun_sweeps/:
+
+- `MlflowSweepCallback` (a Hydra callback). `on_multirun_start`, in the process the user started and before any job,
+  opens the store (a new sqlite file is migrated here once, not by parallel jobs racing each other), creates the
+  experiment and the parent run with the base config as params, and writes the parent's id to
+  `<sweep dir>/mlflow_parent_run_id` for the jobs. `on_multirun_end` attaches `sweep_summary.csv` and
+  `top1_vs_gmacs.png` to the parent, closes it (FAILED if any job failed) and exits with status 1 if any job failed.
+  Should the multirun itself die (a job's composition error, Ctrl+C), an exit hook still writes the summary and
+  closes the parent FAILED.
+- `run_job(task, cfg)`, which run.py's task function calls. In a multirun job it creates the job's child run
+  (tag `mlflow.parentRunId`), lets the task log into it (tracking.ADOPT_ENV) and closes it. A failing job is
+  recorded and returned as `{"status": "FAILED", "error": ...}` instead of raised: Hydra's BasicSweeper re-raises a
+  failed job's exception after its batch, which skips later batches and on_multirun_end, and the SystemExit of a
+  user error (tasks.run_task exits 2) escapes Hydra's run_job altogether, ending the multirun in the middle of a
+  batch. Outside a multirun it only calls the task.
+
+Progressive expansion (X3D's search: expand each axis a step, keep the one with the best accuracy per GMAC, repeat)
+fits as a Sweeper plugin (hydra.plugins.sweeper.Sweeper) with this recording unchanged: each round it builds one
+override list per axis from the current factors, calls `self.launcher.launch(batch, initial_job_idx)`, reads every
+job's `return_value` (run_job's dict: status, run_id, val_top1, gmacs, ...) to choose the axis, and goes on from the
+expanded factors. The parent run spans the whole multirun, so every round's jobs become its children and the final
+summary and plot cover the whole path.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("x3d_exp.sweeps")
+
+PARENT_FILE = "mlflow_parent_run_id"
+SUMMARY_CSV = "sweep_summary.csv"
+SUMMARY_PLOT = "top1_vs_gmacs.png"
+# Tasks that record an MLflow run of their own (summary, convert, export and infer do not).
+TRACKED_TASKS = ("train", "test")
+FACTORS = ("gamma_t", "gamma_tau", "gamma_s", "gamma_w", "gamma_b", "gamma_d")
+
+
+def _multirun_job():
+    """The job's HydraConfig in a multirun, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+def _first_line(text: str) -> str:
+    # MindSpore's errors run to dozens of lines of C++ stack; the first says what happened.
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def _describe_failure(err: BaseException) -> str:
+    # tasks.run_task turns a user error into sys.exit(2) inside its except block, so the error is the context.
+    if isinstance(err, SystemExit) and isinstance(err.__context__, Exception):
+        err = err.__context__
+    return f"{type(err).__name__}: {_first_line(str(err))}"
+
+
+def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig):
+    """Run one task; in a multirun job, as a child run of the sweep's parent and never raising its failure."""
+    hydra_cfg = _multirun_job()
+    if hydra_cfg is None:
+        return task(cfg)
+    from mlflow.tracking import MlflowClient
+
+    from x3d_exp.config import flatten
+    from x3d_exp.tracking import ADOPT_ENV, create_run
+
+    parent_file = Path(hydra_cfg.sweep.dir) / PARENT_FILE
+    parent = parent_file.read_text().strip() if parent_file.is_file() else None
+    client = run_id = None
+    previous = os.environ.get(ADOPT_ENV)
+    job = int(hydra_cfg.job.num)
+    if parent and cfg.task in TRACKED_TASKS:
+        client = MlflowClient(cfg.mlflow.tracking_uri)
+        changed = _changed({k: str(v) for k, v in flatten(cfg).items()}, client.get_run(parent).data.params)
+        run_id = create_run(client, cfg, Path(hydra_cfg.runtime.output_dir),
+                            tags={"mlflow.parentRunId": parent, "sweep.job": str(job)},
+                            run_name=cfg.mlflow.run_name or f"{job}: {changed or '(base)'}"[:250])
+        os.environ[ADOPT_ENV] = run_id
+    outcome = {"status": "FINISHED", "run_id": run_id, "job": job}
+    try:
+        outcome.update(task(cfg) or {})
+    except BaseException as err:  # noqa: B902 - a user error arrives as SystemExit, Ctrl+C as KeyboardInterrupt
+        outcome.update(status="FAILED", error=_describe_failure(err))
+        if not isinstance(err, SystemExit):
+            log.exception("sweep job %d failed", job)
+        if client is not None:
+            client.set_tag(run_id, "error", outcome["error"][:5000])
+            client.set_terminated(run_id, "FAILED")
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        log.error("sweep job %d failed: %s", job, outcome["error"])
+    finally:
+        if previous is None:
+            os.environ.pop(ADOPT_ENV, None)
+        else:
+            os.environ[ADOPT_ENV] = previous
+    if client is not None:
+        if outcome["status"] == "FINISHED":
+            client.set_terminated(run_id, "FINISHED")
+        outcome["gmacs"] = _float(client.get_run(run_id).data.params.get("model_gmacs"))
+    return outcome
+
+
+def _float(value) -> Optional[float]:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _changed(params: dict, base: dict) -> str:
+    """`key=value` for every config value where the job differs from the multirun's base config."""
+    keys = [k for k in params if k in base and params[k] != base[k]]
+    return " ".join(f"{k.removeprefix('model.')}={params[k]}" for k in sorted(keys))
+
+
+def summary_table(client, children: List, base_params: dict):
+    """One row per child run: job, status, what it changed, factors, size, cost, accuracy, error."""
+    import pandas as pd
+
+    rows = []
+    for run in children:
+        params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+        val = [m.value for m in client.get_metric_history(run.info.run_id, "val/top1")]
+        row = {"job": int(tags.get("sweep.job", -1)), "status": run.info.status,
+               "changed": _changed(params, base_params) or "(base)", "model": params.get("model.name")}
+        row.update({f: _float(params.get(f"model.{f}")) for f in FACTORS})
+        row.update(params=_float(params.get("model_params")), gmacs=_float(params.get("model_gmacs")),
+                   val_top1=max(val) if val else None, test_top1=metrics.get("test/top1"),
+                   test_top5=metrics.get("test/top5"), error=_first_line(tags.get("error", "")),
+                   overrides=tags.get("hydra_overrides", ""), run_id=run.info.run_id)
+        rows.append(row)
+    columns = ["job", "status", "changed", "model", *FACTORS, "params", "gmacs", "val_top1", "test_top1",
+               "test_top5", "error", "overrides", "run_id"]
+    return pd.DataFrame(rows, columns=columns).sort_values("job", kind="stable").reset_index(drop=True)
+
+
+def plot_top1_vs_gmacs(table, title: str, path: Path) -> Path:
+    """The X3D paper's Figure 2 view: test top-1 against inference cost, one labelled point per finished job."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = table[(table.status == "FINISHED") & table.gmacs.notna() & table.test_top1.notna()]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.scatter(done.gmacs, done.test_top1, zorder=3)
+    for _, row in done.iterrows():
+        ax.annotate(row.changed, (row.gmacs, row.test_top1), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    if len(done) and done.gmacs.max() > 10 * done.gmacs.min():
+        ax.set_xscale("log")
+    failed = int((table.status != "FINISHED").sum())
+    ax.set_xlabel("GMACs per clip (the model's own input size)")
+    ax.set_ylabel("test top-1")
+    ax.set_title(f"{title}: {len(done)} finished" + (f", {failed} failed (see {SUMMARY_CSV})" if failed else ""))
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+class MlflowSweepCallback(Callback):
+    """Parent run and summary of a multirun (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.client = None
+        self.parent: Optional[str] = None
+        self.sweep_dir: Optional[Path] = None
+        self.base_params: dict = {}
+        self.name = "multirun"
+        self.tracking_uri = ""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from x3d_exp.config import flatten
+        from x3d_exp.tracking import experiment_id, git_commit, log_params
+
+        base = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        self.name = str(OmegaConf.select(base, "sweep.name", default=None) or "multirun")
+        self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        self.tracking_uri = str(config.mlflow.tracking_uri)
+        self.client = MlflowClient(self.tracking_uri)
+        overrides = " ".join(config.hydra.overrides.task)
+        tags = {"sweep": self.name, "sweep.dir": str(self.sweep_dir), "hydra_overrides": overrides,
+                "task": str(base.task)}
+        commit = git_commit()
+        if commit:
+            tags["git_commit"] = commit
+        run = self.client.create_run(experiment_id(self.client, str(config.mlflow.experiment_name)),
+                                     run_name=f"{self.name}: {overrides}"[:250], tags=tags)
+        self.parent = run.info.run_id
+        self.base_params = {k: str(v) for k, v in flatten(base).items()}
+        log_params(self.client, self.parent, self.base_params)
+        (self.sweep_dir / PARENT_FILE).write_text(self.parent)
+        atexit.register(self._finish, aborted=True)
+        log.info("MLflow parent run %s for the sweep in %s", self.parent, self.sweep_dir)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        failed = self._finish(aborted=False)
+        if failed:
+            print(f"error: {failed}", file=sys.stderr)
+            sys.exit(1)
+
+    def _finish(self, aborted: bool) -> str:
+        """Summarise and close the parent once; returns a one-line account of failed jobs ('' if none)."""
+        from x3d_exp.tracking import display_uri
+
+        if self.parent is None:
+            return ""
+        parent, self.parent = self.parent, None
+        atexit.unregister(self._finish)
+        experiment = self.client.get_run(parent).info.experiment_id
+        children = self.client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
+                                           max_results=50000)
+        for child in children:
+            if child.info.status == "RUNNING":
+                # The multirun is over, so nothing will close it any more: its job was killed.
+                self.client.set_tag(child.info.run_id, "error", "the job ended without closing its run (killed?)")
+                self.client.set_terminated(child.info.run_id, "FAILED")
+        children = [self.client.get_run(c.info.run_id) for c in children]
+        table = summary_table(self.client, children, self.base_params)
+        csv = self.sweep_dir / SUMMARY_CSV
+        table.to_csv(csv, index=False)
+        self.client.log_artifact(parent, str(csv))
+        self.client.log_artifact(parent, str(plot_top1_vs_gmacs(table, self.name, self.sweep_dir / SUMMARY_PLOT)))
+        bad = table[table.status != "FINISHED"]
+        best = table.test_top1.max() if table.test_top1.notna().any() else math.nan
+        metrics = {"sweep/jobs": len(table), "sweep/failed": len(bad)}
+        if not math.isnan(best):
+            metrics["sweep/best_test_top1"] = float(best)
+        for key, value in metrics.items():
+            self.client.log_metric(parent, key, value)
+        self.client.set_terminated(parent, "FAILED" if aborted or len(bad) else "FINISHED")
+        print(f"sweep {self.name}: {len(table) - len(bad)} of {len(table)} jobs finished; summary {csv}; "
+              f"view: mlflow ui --backend-store-uri {display_uri(self.tracking_uri)}", flush=True)
+        return "; ".join(f"sweep job {r.job} ({r.changed}) failed: {r.error}" for r in bad.itertuples())
