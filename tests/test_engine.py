@@ -120,6 +120,11 @@ def test_resume_after_kill_finishes_the_planned_epochs_in_the_same_run(cache, tm
     assert [r["epoch"] for r in history] == [1, 2, 3]
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("epoch*.ckpt")) == ["epoch0002.ckpt",
                                                                                      "epoch0003.ckpt"]
+    # The optimizer's step counter, which indexes the per-iteration lr, came back from the checkpoint too.
+    import mindspore as ms
+
+    state = ms.load_checkpoint(str(run_dir / "checkpoints" / "epoch0003.ckpt"))
+    assert state["global_step"].asnumpy().item() == 12 and state["epoch"].asnumpy().item() == 3
 
 
 def test_a_run_that_fails_is_marked_failed(cache, tmp_path):
