@@ -1,4 +1,5 @@
-"""The C++ channelwise Conv3d kernels against MindSpore's nn.Conv3d, the build cache and the fallback."""
+"""The C++ kernels against MindSpore's own ops (channelwise Conv3d, BatchNorm + activation, SE squeeze and
+gate), the full model on them, the build cache and the fallback."""
 
 import logging
 import os
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import mindspore as ms
 from mindspore import Tensor, nn
+from mindspore import ops as P
 
 from x3d_exp import kernels
 from x3d_exp.kernels import build, ops
@@ -128,6 +130,124 @@ def test_cell_looks_like_conv3d_to_the_model_code():
     assert cell.weight.shape == (6, 1, 3, 3, 3) and cell.weight.name == "weight"
 
 
+def swish(x):
+    return x * P.sigmoid(x)
+
+
+class NativeBatchNormAct(nn.Cell):
+    def __init__(self, channels, activation):
+        from x3d_exp.models.x3d import ACTIVATIONS
+
+        super().__init__()
+        self.bn = nn.BatchNorm3d(channels, eps=1e-5, momentum=0.9)
+        self.activation = ACTIVATIONS[activation]()
+
+    def construct(self, x):
+        return self.activation(self.bn(x))
+
+
+# (N, C, T, H, W): volumes that are not whole vectors, one longer than the kernels' 1024-element sum blocks,
+# a single element per channel (the head at a tiny input), and batch 1.
+BN_SHAPES = [(2, 5, 3, 7, 9), (2, 3, 4, 20, 21), (3, 4, 1, 1, 1), (1, 6, 2, 5, 5)]
+
+
+def bn_results(cell, stats, x, probe, train):
+    """Output, d input, d gamma, d beta, and the running statistics after the call."""
+    bn = cell.bn2d if isinstance(cell, nn.BatchNorm3d) else cell.bn.bn2d
+    for param, value in zip((bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance), stats):
+        param.set_data(Tensor(value))
+    cell.set_train(train)
+    out = cell(x)
+    dx, (dgamma, dbeta) = ms.grad(lambda inp: (cell(inp) * probe).sum(), grad_position=0,
+                                  weights=[bn.gamma, bn.beta])(x)
+    # The gradient pass ran the forward again: set the running statistics again for one clean update.
+    bn.moving_mean.set_data(Tensor(stats[2]))
+    bn.moving_variance.set_data(Tensor(stats[3]))
+    cell(x)
+    return [a.asnumpy() for a in (out, dx, dgamma, dbeta, bn.moving_mean, bn.moving_variance)]
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES)
+@pytest.mark.parametrize("activation", [None, "relu", "swish"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_batchnorm_act_matches_native(shape, activation, train, pynative_mode):
+    rng = np.random.default_rng(6)
+    channels = shape[1]
+    # Off-centre, scaled input: the centred variance pass matters; large values reach the sigmoid's tails.
+    x = Tensor((rng.standard_normal(shape) * 3 + 1.5).astype(np.float32))
+    stats = [rng.standard_normal(channels).astype(np.float32), rng.standard_normal(channels).astype(np.float32),
+             rng.standard_normal(channels).astype(np.float32), (rng.random(channels) + 0.5).astype(np.float32)]
+    probe = Tensor(rng.standard_normal(shape).astype(np.float32))
+    ours = bn_results(kernels.ops.BatchNormAct3d(channels, 1e-5, 0.9, activation=activation), stats, x, probe, train)
+    native = bn_results(NativeBatchNormAct(channels, activation), stats, x, probe, train)
+    names = ["output", "d input", "d gamma", "d beta", "running mean", "running variance"]
+    for name, a, b in zip(names, ours, native):
+        tolerance = FORWARD_RTOL if name in ("output", "running mean", "running variance") else GRAD_RTOL
+        assert rel_err(a, b) <= tolerance, name
+
+
+def test_batchnorm_act_is_a_batchnorm3d():
+    cell = kernels.ops.BatchNormAct3d(7, 1e-5, 0.9, gamma_init="zeros", activation="relu")
+    assert isinstance(cell, nn.BatchNorm3d)
+    assert sorted(p.name for p in cell.get_parameters()) == sorted(p.name for p in nn.BatchNorm3d(7).get_parameters())
+    assert not cell.bn2d.gamma.asnumpy().any()
+
+
+def test_batchnorm_train_step_in_graph_mode(graph_mode):
+    """nn.TrainOneStepCell: the same weights and running statistics after two steps as nn.BatchNorm3d."""
+    rng = np.random.default_rng(7)
+    x = Tensor((rng.standard_normal((2, 4, 3, 6, 6)) + 0.5).astype(np.float32))
+    target = Tensor(rng.standard_normal((2, 4, 3, 6, 6)).astype(np.float32))
+    cells = [kernels.ops.BatchNormAct3d(4, 1e-5, 0.9, activation="swish"), NativeBatchNormAct(4, "swish")]
+    for cell in cells:
+        cell.set_train(True)
+        step = nn.TrainOneStepCell(nn.WithLossCell(cell, nn.MSELoss()), nn.SGD(cell.trainable_params(), 0.5))
+        step(x, target)
+        step(x, target)
+    ours, native = (sorted((p.name, p.asnumpy()) for p in c.get_parameters()) for c in cells)
+    for (name, a), (_, b) in zip(ours, native):
+        assert rel_err(a, b) <= GRAD_RTOL, name
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 7, 9), (1, 3, 4, 20, 21), (2, 2, 1, 1, 1)])
+def test_channel_mean_matches_reduce_mean(shape, pynative_mode):
+    rng = np.random.default_rng(8)
+    x = Tensor((rng.standard_normal(shape) + 2).astype(np.float32))
+    probe = Tensor(rng.standard_normal(shape[:2] + (1, 1, 1)).astype(np.float32))
+    ours, native = kernels.ops.ChannelMean(), P.ReduceMean(keep_dims=True)
+    assert rel_err(ours(x).asnumpy(), native(x, (2, 3, 4)).asnumpy()) <= FORWARD_RTOL
+    dx = ms.grad(lambda inp: (ours(inp) * probe).sum())(x)
+    dx_ref = ms.grad(lambda inp: (native(inp, (2, 3, 4)) * probe).sum())(x)
+    assert rel_err(dx.asnumpy(), dx_ref.asnumpy()) <= GRAD_RTOL
+
+
+@pytest.mark.parametrize("activation", [None, "swish"])
+@pytest.mark.parametrize("shape", [(2, 5, 3, 7, 9), (1, 3, 4, 20, 21)])
+def test_gate_matches_native(activation, shape, pynative_mode):
+    rng = np.random.default_rng(9)
+    x = Tensor((rng.standard_normal(shape) * 4).astype(np.float32))
+    gate = Tensor(rng.random(shape[:2] + (1, 1, 1)).astype(np.float32))
+    probe = Tensor(rng.standard_normal(shape).astype(np.float32))
+    ours = kernels.ops.Gate(activation)
+
+    def native(a, g):
+        return swish(a * g) if activation == "swish" else a * g
+
+    assert rel_err(ours(x, gate).asnumpy(), native(x, gate).asnumpy()) <= FORWARD_RTOL
+    grads_ours = ms.grad(lambda a, g: (ours(a, g) * probe).sum(), grad_position=(0, 1))(x, gate)
+    grads_native = ms.grad(lambda a, g: (native(a, g) * probe).sum(), grad_position=(0, 1))(x, gate)
+    for a, b in zip(grads_ours, grads_native):
+        assert rel_err(a.asnumpy(), b.asnumpy()) <= GRAD_RTOL
+
+
+def test_swish_saturates_without_overflow(pynative_mode):
+    values = np.array([-1e4, -100, -88, -20, -1e-3, 0, 1e-3, 20, 88, 100, 1e4], np.float32)
+    gate = Tensor(np.ones((1, 1, 1), np.float32))
+    ours = kernels.ops.Gate("swish")(Tensor(values.reshape(1, 1, -1)), gate).asnumpy().ravel()
+    exact = values.astype(np.float64) / (1 + np.exp(-values.astype(np.float64)))
+    np.testing.assert_allclose(ours, exact, rtol=FORWARD_RTOL, atol=1e-30)
+
+
 def small_x3d(conv_impl):
     from x3d_exp.models import build_model
 
@@ -142,7 +262,9 @@ def test_full_model_auto_matches_native(pynative_mode):
     from x3d_exp.models.summary import trace_network
 
     native, custom = small_x3d("native"), small_x3d("auto")
-    assert any(isinstance(c, ops.ChannelwiseConv3d) for _, c in custom.cells_and_names())
+    kinds = {type(c) for _, c in custom.cells_and_names()}
+    assert {ops.ChannelwiseConv3d, ops.BatchNormAct3d, ops.ChannelMean, ops.Gate} <= kinds
+    assert not any(type(c) is nn.BatchNorm3d for _, c in custom.cells_and_names())
     native_params = {p.name: p for p in native.get_parameters()}
     assert {p.name: p.shape for p in custom.get_parameters()} == {k: p.shape for k, p in native_params.items()}
     for p in custom.get_parameters():
@@ -180,6 +302,12 @@ def test_fallback_warns_once_and_matches(broken_compiler, caplog):
     cells[0].weight.set_data(reference.weight.data.copy())
     x = Tensor(np.random.default_rng(5).standard_normal((1, 4, 3, 9, 9)).astype(np.float32))
     np.testing.assert_array_equal(cells[0](x).asnumpy(), reference(x).asnumpy())
+
+    from x3d_exp.models.x3d import X3DResBlock
+
+    block = X3DResBlock(4, 6, 4, se_width=8, conv_impl="auto")
+    assert {type(c) for _, c in block.cells_and_names()}.isdisjoint(
+        {ops.ChannelwiseConv3d, ops.BatchNormAct3d, ops.ChannelMean, ops.Gate})
 
     with pytest.raises(KernelBuildError):
         channelwise_conv3d(4, (3, 3, 3), impl="custom")

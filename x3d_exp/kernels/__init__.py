@@ -1,12 +1,16 @@
-"""Hand-written CPU kernels for X3D's channelwise 3D convolutions.
+"""Hand-written CPU kernels for X3D: channelwise 3D convolutions, BatchNorm with its activation, SE.
 
 MindSpore's CPU Conv3d runs channelwise kernels as oneDNN's reference or GEMM
 code; these C++ kernels (forward and both gradients) are several times
-faster. They are compiled on first use and cached (see `build`).
+faster. BatchNorm, Swish and the SE pooling and gating run as chains of
+MindSpore ops, one pass over memory each; the fused kernels make each one or
+two passes. They are compiled on first use and cached (see `build`).
 
 - `resolve_cpu_kernels(setting, device)`: the `conv_impl` for the model from
   the config switch `model.cpu_kernels` (`auto|native|custom`).
+- `use_kernels(impl)`: whether the model's layers for `conv_impl` run on these kernels.
 - `build_channelwise_conv3d(...)`: the Cell for one layer and `conv_impl`.
+- `ops.BatchNormAct3d`, `ops.ChannelMean`, `ops.Gate`: the fused layers.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from x3d_exp.kernels.build import KernelBuildError
 
 SETTINGS = ("auto", "native", "custom")
 
-__all__ = ["SETTINGS", "KernelBuildError", "build_channelwise_conv3d", "resolve_cpu_kernels"]
+__all__ = ["SETTINGS", "KernelBuildError", "build_channelwise_conv3d", "resolve_cpu_kernels", "use_kernels"]
 
 
 def resolve_cpu_kernels(setting: str, device: str) -> str:
@@ -37,6 +41,21 @@ def resolve_cpu_kernels(setting: str, device: str) -> str:
         kernel_library()
         return "custom"
     return "custom" if kernels_available() else "native"
+
+
+def use_kernels(impl: str) -> bool:
+    """True for "custom" (raising KernelBuildError if the kernels do not build) and for "auto" when they
+    build; False for "native" and for "auto" without them (after one warning line)."""
+    if impl == "native":
+        return False
+    if impl not in ("auto", "custom"):
+        raise ValueError(f"unknown conv impl {impl!r}; choose native, auto or custom")
+    from x3d_exp.kernels.ops import kernel_library, kernels_available
+
+    if impl == "custom":
+        kernel_library()
+        return True
+    return kernels_available()
 
 
 def build_channelwise_conv3d(channels: int, kernel_size: Sequence[int], stride: Sequence[int],

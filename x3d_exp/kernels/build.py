@@ -2,7 +2,7 @@
 
 The library is built with the system compiler on first use, for this CPU
 (`-march=native`), and stored under a name that hashes everything that could
-change the binary: source, compiler and its version, flags and the CPU's
+change the binary: sources, compiler and its version, flags and the CPU's
 feature flags. Builds go to a temporary file that is renamed into place, so
 parallel processes (msrun ranks, pytest workers) may build at once and each
 sees either no library or a complete one.
@@ -23,7 +23,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("channelwise_conv3d.cc")
+KERNEL_DIR = Path(__file__).parent
+SOURCES = (KERNEL_DIR / "channelwise_conv3d.cc", KERNEL_DIR / "fused_ops.cc")
+# Part of the cache key (included by the sources), not compiled on its own.
+HEADERS = (KERNEL_DIR / "common.h",)
+LIBRARY_NAME = "x3d_kernels"
 DEFAULT_FLAGS = ("-O3", "-march=native")
 # Needed for any build, whatever the user's flags.
 BASE_FLAGS = ("-std=c++17", "-shared", "-fPIC", "-pthread")
@@ -83,11 +87,12 @@ def library_path() -> Path:
     """Where the library for this source, compiler, flags and CPU lives (built or not)."""
     compiler = find_compiler()
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), compiler.encode(), _compiler_version(compiler).encode(),
+    sources = [path.read_bytes() for path in SOURCES + HEADERS]
+    for part in (*sources, compiler.encode(), _compiler_version(compiler).encode(),
                  " ".join(compile_flags()).encode(), _cpu_flags().encode()):
         key.update(part)
         key.update(b"\0")
-    return cache_dir() / f"{SOURCE.stem}-{key.hexdigest()[:20]}.so"
+    return cache_dir() / f"{LIBRARY_NAME}-{key.hexdigest()[:20]}.so"
 
 
 def build_library() -> Path:
@@ -98,7 +103,7 @@ def build_library() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
     os.close(fd)
-    cmd = [find_compiler(), *compile_flags(), str(SOURCE), "-o", temp]
+    cmd = [find_compiler(), *compile_flags(), *map(str, SOURCES), "-o", temp]
     try:
         try:
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
@@ -108,7 +113,8 @@ def build_library() -> Path:
             errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
             first = errors[0].strip() if errors else f"exit status {result.returncode}"
             # The first line is what the one-line fallback warning shows.
-            raise KernelBuildError(f"compiling {SOURCE.name} failed: {first}\n{shlex.join(cmd)}\n{result.stderr}")
+            raise KernelBuildError(f"compiling the {LIBRARY_NAME} library failed: {first}\n{shlex.join(cmd)}\n"
+                                   f"{result.stderr}")
         os.replace(temp, target)
     finally:
         if os.path.exists(temp):

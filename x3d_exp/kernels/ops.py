@@ -1,11 +1,12 @@
-"""The channelwise Conv3d Cell on top of the C++ kernels (MindSpore Custom AOT ops)."""
+"""Cells on top of the C++ kernels (MindSpore Custom AOT ops): channelwise Conv3d, BatchNorm with its
+activation, and the SE squeeze and gate."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
 import logging
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
@@ -25,8 +26,8 @@ def kernel_library() -> str:
     path = build_library()
     try:
         lib = ctypes.CDLL(str(path))
-        getattr(lib, FORWARD_SYMBOL)
-        getattr(lib, BACKWARD_SYMBOL)
+        for symbol in (FORWARD_SYMBOL, BACKWARD_SYMBOL, "BatchNormSwishTrain", "GateSwishGrad"):
+            getattr(lib, symbol)
     except (OSError, AttributeError) as err:
         raise KernelBuildError(f"cannot load {path}: {err}") from err
     return str(path)
@@ -101,3 +102,122 @@ class ChannelwiseConv3d(nn.Cell):
 
     def extend_repr(self):
         return f"channels={self.group}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+# Activation name -> the kernels' symbol infix.
+ACTIVATIONS = {None: "", "relu": "Relu", "swish": "Swish"}
+
+
+def _zeros(*inputs):
+    return tuple(ops.zeros_like(x) for x in inputs)
+
+
+@functools.lru_cache(maxsize=None)
+def _batchnorm_primitives(library: str, activation: Optional[str]) -> Tuple[ops.Custom, ops.Custom]:
+    """(training, inference) forward ops for one activation, each with its bprop."""
+    name = f"{library}:BatchNorm{ACTIVATIONS[activation]}"
+    grad_shape = lambda x, gamma, *rest: (x, gamma, gamma)  # noqa: E731
+    train_grad = ops.Custom(f"{name}TrainGrad", out_shape=grad_shape, out_dtype=grad_shape, func_type="aot")
+    infer_grad = ops.Custom(f"{name}InferGrad", out_shape=grad_shape, out_dtype=grad_shape, func_type="aot")
+
+    def train_bprop(x, gamma, beta, mean, var, hyper, out, dout):
+        # out: y, batch mean, batch invstd, new running mean and variance (no gradient flows from those).
+        dx, dgamma, dbeta = train_grad(x, gamma, beta, out[1], out[2], dout[0])
+        return (dx, dgamma, dbeta) + _zeros(mean, var, hyper)
+
+    def infer_bprop(x, gamma, beta, mean, var, hyper, out, dout):
+        dx, dgamma, dbeta = infer_grad(x, gamma, beta, mean, var, hyper, dout)
+        return (dx, dgamma, dbeta) + _zeros(mean, var, hyper)
+
+    train_shape = lambda x, gamma, *rest: (x, gamma, gamma, gamma, gamma)  # noqa: E731
+    train = ops.Custom(f"{name}Train", out_shape=train_shape, out_dtype=train_shape, func_type="aot",
+                       bprop=train_bprop)
+    infer = ops.Custom(f"{name}Infer", out_shape=lambda x, *rest: x, out_dtype=lambda x, *rest: x,
+                       func_type="aot", bprop=infer_bprop)
+    return train, infer
+
+
+class BatchNormAct3d(nn.BatchNorm3d):
+    """nn.BatchNorm3d, then `activation` (None, "relu" or "swish"), in one C++ kernel; float32.
+
+    A subclass, so parameters (`bn2d.gamma`, `bn2d.moving_mean`, ...), their
+    initialisation and checkpoints are those of nn.BatchNorm3d. Training uses
+    batch statistics and updates the running ones as MindSpore does (unbiased
+    variance, `momentum` weighing the running value); evaluation uses the
+    running ones.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.9, gamma_init="ones",
+                 activation: Optional[str] = None):
+        super().__init__(num_features, eps=eps, momentum=momentum, gamma_init=gamma_init)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose from {list(ACTIVATIONS)}")
+        self.activation = activation
+        # _BatchNorm keeps 1 - momentum: the weight of the batch statistic, as the kernel takes it.
+        self.hyper = Tensor(np.array([eps, self.bn2d.momentum], np.float32))
+        self.train_op, self.infer_op = _batchnorm_primitives(kernel_library(), activation)
+
+    def construct(self, x):
+        bn = self.bn2d
+        if self.training:
+            y, _, _, running_mean, running_var = self.train_op(x, bn.gamma, bn.beta, bn.moving_mean,
+                                                               bn.moving_variance, self.hyper)
+            ops.assign(bn.moving_mean, running_mean)
+            ops.assign(bn.moving_variance, running_var)
+            return y
+        return self.infer_op(x, bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance, self.hyper)
+
+    def extend_repr(self):
+        return f"{super().extend_repr()}, activation={self.activation}"
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_primitive(library: str) -> ops.Custom:
+    grad = ops.Custom(f"{library}:ChannelMeanGrad", out_shape=lambda x, dmean: x, out_dtype=lambda x, dmean: x,
+                      func_type="aot")
+
+    def bprop(x, out, dout):
+        return (grad(x, dout),)
+
+    return ops.Custom(f"{library}:ChannelMean", out_shape=lambda x: x[:2] + [1] * (len(x) - 2),
+                      out_dtype=lambda x: x, func_type="aot", bprop=bprop)
+
+
+class ChannelMean(nn.Cell):
+    """Mean over all axes after the channel axis, kept as size 1: (N, C, T, H, W) -> (N, C, 1, 1, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mean = _mean_primitive(kernel_library())
+
+    def construct(self, x):
+        return self.mean(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _gate_primitive(library: str, activation: Optional[str]) -> ops.Custom:
+    name = f"{library}:Gate{ACTIVATIONS[activation]}"
+    grad = ops.Custom(f"{name}Grad", out_shape=lambda x, gate, dy: (x, gate),
+                      out_dtype=lambda x, gate, dy: (x, gate), func_type="aot")
+
+    def bprop(x, gate, out, dout):
+        return grad(x, gate, dout)
+
+    return ops.Custom(name, out_shape=lambda x, gate: x, out_dtype=lambda x, gate: x, func_type="aot", bprop=bprop)
+
+
+class Gate(nn.Cell):
+    """`activation(x * gate)` for x (N, C, ...) and a per-channel gate (N, C, 1, ...): the SE excitation."""
+
+    def __init__(self, activation: Optional[str] = None):
+        super().__init__()
+        if activation not in (None, "swish"):
+            raise ValueError(f"Gate supports activation None or 'swish', got {activation!r}")
+        self.activation = activation
+        self.gate = _gate_primitive(kernel_library(), activation)
+
+    def construct(self, x, gate):
+        return self.gate(x, gate)
+
+    def extend_repr(self):
+        return f"activation={self.activation}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal, Normal, Zero
@@ -67,9 +67,34 @@ def _pad6(padding):
     return (t, t, h, h, w, w)
 
 
-def _bn(channels: int, zero_init: bool = False) -> nn.BatchNorm3d:
-    return nn.BatchNorm3d(channels, eps=BN_EPS, momentum=BN_MOMENTUM,
-                          gamma_init="zeros" if zero_init else "ones")
+def _bn(channels: int, zero_init: bool = False, impl: str = "native") -> nn.BatchNorm3d:
+    """`impl` auto/custom: the CPU kernel (an nn.BatchNorm3d subclass with the same parameters)."""
+    return _bn_act(channels, None, impl, zero_init)[0]
+
+
+def _bn_act(channels: int, activation: Optional[str], impl: str = "native",
+            zero_init: bool = False) -> Tuple[nn.BatchNorm3d, nn.Cell]:
+    """BatchNorm3d and the activation after it ("relu", "swish" or None) as two cells.
+
+    On the CPU kernels the BN cell applies the activation in the same pass over
+    memory and the activation cell is an identity.
+    """
+    gamma_init = "zeros" if zero_init else "ones"
+    if use_kernels(impl):
+        from x3d_exp.kernels.ops import BatchNormAct3d
+
+        return BatchNormAct3d(channels, BN_EPS, BN_MOMENTUM, gamma_init, activation), nn.Identity()
+    bn = nn.BatchNorm3d(channels, eps=BN_EPS, momentum=BN_MOMENTUM, gamma_init=gamma_init)
+    return bn, ACTIVATIONS[activation]()
+
+
+def use_kernels(impl: str) -> bool:
+    """Whether layers built for `impl` run on x3d_exp.kernels (never for "native")."""
+    if impl == "native":
+        return False
+    from x3d_exp.kernels import use_kernels as kernels_in_use  # only when asked for
+
+    return kernels_in_use(impl)
 
 
 def channelwise_conv3d(channels: int, kernel_size: Sequence[int], stride: Sequence[int] = (1, 1, 1),
@@ -98,21 +123,53 @@ class Swish(nn.Cell):
         return x * self.sigmoid(x)
 
 
-class SqueezeExcite(nn.Cell):
-    """Channel gating from a globally pooled descriptor (1x1x1 convs with bias)."""
+ACTIVATIONS = {None: nn.Identity, "relu": nn.ReLU, "swish": Swish}
 
-    def __init__(self, channels: int, se_width: int):
+
+class GlobalMean(nn.Cell):
+    """(N, C, T, H, W) -> (N, C, 1, 1, 1)."""
+
+    def __init__(self):
         super().__init__()
+        self.mean = ops.ReduceMean(keep_dims=True)
+
+    def construct(self, x):
+        return self.mean(x, (2, 3, 4))
+
+
+class Gate(nn.Cell):
+    """`activation(x * gate)`, gate per sample and channel."""
+
+    def __init__(self, activation: Optional[str] = None):
+        super().__init__()
+        self.activation = ACTIVATIONS[activation]()
+
+    def construct(self, x, gate):
+        return self.activation(x * gate)
+
+
+class SqueezeExcite(nn.Cell):
+    """Channel gating from a globally pooled descriptor (1x1x1 convs with bias), then `activation`.
+
+    `impl` auto/custom: pooling and gating (with the activation) on the CPU kernels.
+    """
+
+    def __init__(self, channels: int, se_width: int, activation: Optional[str] = None, impl: str = "native"):
+        super().__init__()
+        if use_kernels(impl):
+            from x3d_exp.kernels.ops import ChannelMean, Gate as KernelGate
+
+            self.squeeze, self.excite = ChannelMean(), KernelGate(activation)
+        else:
+            self.squeeze, self.excite = GlobalMean(), Gate(activation)
         self.fc1 = _conv3d(channels, se_width, 1, has_bias=True)
         self.relu = nn.ReLU()
         self.fc2 = _conv3d(se_width, channels, 1, has_bias=True)
         self.sigmoid = nn.Sigmoid()
-        self.mean = ops.ReduceMean(keep_dims=True)
 
     def construct(self, x):
-        gate = self.mean(x, (2, 3, 4))
-        gate = self.sigmoid(self.fc2(self.relu(self.fc1(gate))))
-        return x * gate
+        gate = self.sigmoid(self.fc2(self.relu(self.fc1(self.squeeze(x)))))
+        return self.excite(x, gate)
 
 
 class X3DStem(nn.Cell):
@@ -123,8 +180,7 @@ class X3DStem(nn.Cell):
         super().__init__()
         self.conv_xy = _conv3d(in_channels, out_channels, (1, 3, 3), (1, 2, 2), (0, 1, 1))
         self.conv_t = channelwise_conv3d(out_channels, (temporal_kernel, 1, 1), impl=conv_impl)
-        self.bn = _bn(out_channels)
-        self.relu = nn.ReLU()
+        self.bn, self.relu = _bn_act(out_channels, "relu", conv_impl)
 
     def construct(self, x):
         return self.relu(self.bn(self.conv_t(self.conv_xy(x))))
@@ -137,16 +193,20 @@ class X3DBottleneck(nn.Cell):
                  temporal_kernel: int = BLOCK_TEMPORAL_KERNEL, se_width: int = 0, conv_impl: str = "native"):
         super().__init__()
         self.conv_a = _conv3d(in_channels, inner_channels, 1)
-        self.bn_a = _bn(inner_channels)
-        self.relu_a = nn.ReLU()
+        self.bn_a, self.relu_a = _bn_act(inner_channels, "relu", conv_impl)
         self.conv_b = channelwise_conv3d(inner_channels, (temporal_kernel, 3, 3), (1, spatial_stride, spatial_stride),
                                          impl=conv_impl)
-        self.bn_b = _bn(inner_channels)
-        self.se = SqueezeExcite(inner_channels, se_width) if se_width > 0 else None
-        self.swish = Swish()
+        # The Swish belongs to the last cell before it (SE's gating, else BN) so the kernels can fuse it.
+        if se_width > 0:
+            self.bn_b = _bn(inner_channels, impl=conv_impl)
+            self.se = SqueezeExcite(inner_channels, se_width, "swish", conv_impl)
+            self.swish = nn.Identity()
+        else:
+            self.bn_b, self.swish = _bn_act(inner_channels, "swish", conv_impl)
+            self.se = None
         self.conv_c = _conv3d(inner_channels, out_channels, 1)
         # Zero gamma: each residual block starts as the identity, as in PySlowFast.
-        self.bn_c = _bn(out_channels, zero_init=True)
+        self.bn_c = _bn(out_channels, zero_init=True, impl=conv_impl)
 
     def construct(self, x):
         x = self.relu_a(self.bn_a(self.conv_a(x)))
@@ -167,7 +227,7 @@ class X3DResBlock(nn.Cell):
                                     temporal_kernel, se_width, conv_impl)
         if in_channels != out_channels or spatial_stride != 1:
             self.shortcut_conv = _conv3d(in_channels, out_channels, 1, (1, spatial_stride, spatial_stride))
-            self.shortcut_bn = _bn(out_channels)
+            self.shortcut_bn = _bn(out_channels, impl=conv_impl)
         else:
             self.shortcut_conv = None
             self.shortcut_bn = None
@@ -210,11 +270,10 @@ class X3DHead(nn.Cell):
     """
 
     def __init__(self, in_channels: int, inner_channels: int, head_width: int, num_classes: int,
-                 dropout: float = 0.5):
+                 dropout: float = 0.5, conv_impl: str = "native"):
         super().__init__()
         self.conv = _conv3d(in_channels, inner_channels, 1)
-        self.bn = _bn(inner_channels)
-        self.relu = nn.ReLU()
+        self.bn, self.relu = _bn_act(inner_channels, "relu", conv_impl)
         self.mean = ops.ReduceMean(keep_dims=False)
         # PySlowFast's `lin_5` is a bias-free 1x1x1 conv on the pooled vector: a Dense layer.
         self.fc = nn.Dense(inner_channels, head_width, has_bias=False,
@@ -334,7 +393,8 @@ def create_x3d(spec: X3DSpec) -> X3D:
     for depth, inner, out in zip(spec.stage_depths, spec.inner_widths, spec.stage_widths):
         stages.append(X3DStage(depth, in_channels, inner, out, conv_impl=spec.conv_impl))
         in_channels = out
-    head = X3DHead(in_channels, spec.head_inner_width, spec.head_width, spec.num_classes, spec.dropout)
+    head = X3DHead(in_channels, spec.head_inner_width, spec.head_width, spec.num_classes, spec.dropout,
+                   spec.conv_impl)
     return X3D(stem, stages, head, spec)
 
 
