@@ -1,0 +1,144 @@
+"""Two CPU ranks under a real msrun (mccl), started through the real CLI with `launcher=distributed_cpu`."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.cli_helpers import REPO, TINY, cli_env, final_json, run_cli, runs_of, store_uri
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def distributed(work: Path, *extra: str) -> list:
+    return TINY + ["launcher=distributed_cpu", "launcher.nproc=2", f"launcher.master_port={free_port()}",
+                   "trainer.epochs=1", f"hydra.run.dir={work / 'run'}", f"mlflow.tracking_uri={store_uri(work)}",
+                   *extra]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    # One data and kernel cache for both scale test modules.
+    path = tmp_path_factory.getbasetemp() / "scale_cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache):
+    work = tmp_path_factory.mktemp("dist")
+    done = run_cli(distributed(work), cwd=work, cache=cache)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return work, final_json(done.stdout)
+
+
+def test_both_ranks_end_with_identical_parameters(trained):
+    work, _ = trained
+    digests = {json.loads(p.read_text())["rank"]: json.loads(p.read_text())["params_sha256"]
+               for p in (work / "run" / "ranks").glob("rank*.json")}
+    assert sorted(digests) == [0, 1]
+    assert digests[0] == digests[1]
+    logs = work / "run" / "msrun_logs"
+    assert {p.name for p in logs.iterdir()} >= {"scheduler.log", "worker_0.log", "worker_1.log"}
+    assert "rank 1 of 2 joined (mccl)" in (logs / "worker_1.log").read_text()
+
+
+def test_one_finished_mlflow_run_with_world_size_2_and_rank_0_files_only(trained):
+    work, result = trained
+    assert result["task"] == "train" and result["world_size"] == 2 and result["test_videos"] == 8
+    (run,) = runs_of(store_uri(work))
+    assert run.info.status == "FINISHED" and run.info.run_id == result["run_id"]
+    assert run.data.params["world_size"] == "2" and run.data.params["launcher.name"] == "distributed_cpu"
+    assert run.data.metrics["test/top1"] == pytest.approx(result["test_top1"])
+    checkpoints = sorted(p.name for p in (work / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["best.ckpt", "epoch0001.ckpt", "history.json"]
+    # Rank 1 keeps to its msrun log; the run's own log is the launcher's and rank 0's.
+    run_log = (work / "run" / "run.log").read_text()
+    assert "rank 0 of 2 joined" in run_log and "rank 1" not in run_log
+
+
+def test_test_top1_equals_a_single_process_test_of_the_checkpoint(trained, cache):
+    work, result = trained
+    single = work / "single"
+    done = run_cli(TINY + ["task=test", f"ckpt={work / 'run' / 'checkpoints' / 'best.ckpt'}",
+                           f"hydra.run.dir={single}", f"mlflow.tracking_uri={store_uri(single)}"],
+                   cwd=work, cache=cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    alone = final_json(done.stdout)
+    assert alone["world_size"] == 1 and alone["test_videos"] == result["test_videos"]
+    assert alone["test_top1"] == result["test_top1"] and alone["test_top5"] == result["test_top5"]
+    # The mean log-loss over all views is sensitive to every video's scores, not just to the winning class.
+    (two_ranks,), (one,) = runs_of(store_uri(work)), runs_of(store_uri(single))
+    assert two_ranks.data.metrics["test/loss"] == pytest.approx(one.data.metrics["test/loss"], rel=1e-5)
+
+
+def _ranks(launcher: psutil.Process) -> dict:
+    """{rank: process} of the msrun workers below the launcher."""
+    found = {}
+    for proc in launcher.children(recursive=True):
+        try:
+            env = proc.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if env.get("MS_ROLE") == "MS_WORKER":
+            found[int(env["RANK_ID"])] = proc
+    return found
+
+
+def _start(work: Path, cache: Path, *extra: str):
+    """The launcher, and every process below it once both ranks run (to check that none outlives the run)."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *distributed(work, *extra)], cwd=work,
+                            env=cli_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = psutil.Process(proc.pid)
+    deadline = time.time() + 120
+    while len(_ranks(launcher)) < 2:
+        assert proc.poll() is None and time.time() < deadline, "msrun did not start two ranks"
+        time.sleep(0.2)
+    return proc, launcher.children(recursive=True)
+
+
+def _survivors(tree: list) -> list:
+    _, alive = psutil.wait_procs(tree, timeout=5)
+    return alive
+
+
+def test_a_rank_that_dies_fails_the_run_cleanly(tmp_path, cache):
+    proc, tree = _start(tmp_path, cache)
+    worker_log = tmp_path / "run" / "msrun_logs" / "worker_1.log"
+    deadline = time.time() + 300
+    while "joined" not in (worker_log.read_text() if worker_log.is_file() else ""):
+        assert proc.poll() is None and time.time() < deadline, "rank 1 never joined"
+        time.sleep(0.5)
+    _ranks(psutil.Process(proc.pid))[1].kill()
+    killed = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and time.time() - killed < 60
+    assert "error: distributed run failed (msrun exit status 1)" in err
+    (run,) = runs_of(store_uri(tmp_path))
+    assert run.info.status == "FAILED" and "msrun exit status 1" in run.data.tags["error"]
+    assert not _survivors(tree)
+
+
+def test_the_launcher_timeout_stops_every_rank(tmp_path, cache):
+    started = time.time()
+    proc, tree = _start(tmp_path, cache, "launcher.timeout=15")
+    _, err = proc.communicate(timeout=300)
+    # The timeout, then at most the grace period msrun and the ranks get before SIGKILL, then closing the run.
+    assert time.time() - started < 15 + 15 + 30
+    assert proc.returncode == 2 and "launcher.timeout=15s passed" in err
+    (run,) = runs_of(store_uri(tmp_path))
+    assert run.info.status == "FAILED"
+    assert not _survivors(tree)

@@ -1,0 +1,153 @@
+"""Hydra multiruns through the real CLI and a real sqlite store: one MLflow parent per multirun, a child per job."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+
+from tests.cli_helpers import REPO, TINY, artifact_paths, metric_steps, run_cli, store_uri
+from x3d_exp.config import register_configs
+from x3d_exp.models import VARIANTS, X3DSpec
+from x3d_exp.sweeps import FACTORS
+
+register_configs()
+
+# X3D-XS's factors as the model defines them, in the sweep's axis order.
+XS = {k: float(getattr(X3DSpec(**VARIANTS["x3d_xs"]), k)) for k in FACTORS}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    # One data and kernel cache for both scale test modules.
+    path = tmp_path_factory.getbasetemp() / "scale_cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def multirun(work, cache, *args):
+    done = run_cli(["-m", *TINY, "trainer.epochs=1", f"hydra.sweep.dir={work / 'sweep'}",
+                    f"mlflow.tracking_uri={store_uri(work)}", *args], cwd=work, cache=cache, timeout=900)
+    return done
+
+
+def parent_and_children(work):
+    client = MlflowClient(store_uri(work))
+    experiment = client.get_experiment_by_name("x3d-exp")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == len(runs) - 1
+    return parents[0], sorted(children, key=lambda r: int(r.data.tags["sweep.job"]))
+
+
+def summary(work, parent):
+    assert {"sweep_summary.csv", "top1_vs_gmacs.png"} <= set(artifact_paths(store_uri(work), parent.info.run_id))
+    png = (work / "sweep" / "top1_vs_gmacs.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    return pd.read_csv(work / "sweep" / "sweep_summary.csv", keep_default_na=False)
+
+
+@pytest.fixture(scope="module")
+def expansion(tmp_path_factory, cache):
+    work = tmp_path_factory.mktemp("expand")
+    done = multirun(work, cache, "+sweep=expand_one_axis", "+expand=base,gamma_t,gamma_w,gamma_b")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return work, done
+
+
+def test_expansion_sweep_is_one_parent_with_four_finished_children(expansion):
+    work, done = expansion
+    parent, children = parent_and_children(work)
+    assert parent.info.status == "FINISHED" and parent.data.tags["sweep"] == "expand_one_axis"
+    assert [c.info.status for c in children] == ["FINISHED"] * 4
+    # The parent exists before any job starts.
+    assert parent.info.start_time <= min(c.info.start_time for c in children)
+    assert parent.data.metrics["sweep/jobs"] == 4 and parent.data.metrics["sweep/failed"] == 0
+    assert "sweep expand_one_axis: 4 of 4 jobs finished" in done.stdout
+
+
+def test_each_child_records_its_factors(expansion):
+    work, _ = expansion
+    _, children = parent_and_children(work)
+    expanded = [None, "gamma_t", "gamma_w", "gamma_b"]
+    for child, axis in zip(children, expanded):
+        factors = {k: float(child.data.params[f"model.{k}"]) for k in XS}
+        assert factors == {k: v * 2 if k == axis else v for k, v in XS.items()}, child.info.run_name
+        assert float(child.data.params["model_gmacs"]) > 0 and "test/top1" in child.data.metrics
+        # Every metric of the job reached the store: one train/loss per step (16 videos in batches of 4).
+        assert metric_steps(store_uri(work), child.info.run_id, "train/loss") == [1, 2, 3, 4]
+
+
+def test_summary_table_and_plot_are_parent_artifacts(expansion):
+    work, _ = expansion
+    parent, children = parent_and_children(work)
+    table = summary(work, parent)
+    assert list(table.job) == [0, 1, 2, 3] and set(table.status) == {"FINISHED"}
+    assert list(table.changed) == ["(base)", "gamma_t=8.0", "gamma_w=2.0", "gamma_b=4.5"]
+    assert list(table.run_id) == [c.info.run_id for c in children]
+    base, _, wide, _ = table.itertuples()
+    assert wide.params > base.params and wide.gmacs > base.gmacs
+    assert all(0 <= t <= 1 for t in table.test_top1) and all(0 <= v <= 1 for v in table.val_top1)
+
+
+def test_a_failing_job_is_recorded_and_the_others_still_run(tmp_path, cache):
+    # The impossible factor comes first: the job after it must still run.
+    done = multirun(tmp_path, cache, "model.gamma_d=-1,2.2")
+    assert done.returncode == 1
+    assert "error: sweep job 0 (gamma_d=-1.0) failed: ConfigError: model.gamma_d=-1.0: must be > 0" in done.stderr
+    parent, (bad, good) = parent_and_children(tmp_path)
+    assert bad.info.status == "FAILED" and "must be > 0" in bad.data.tags["error"]
+    assert bad.data.params["model.gamma_d"] == "-1.0"
+    assert good.info.status == "FINISHED" and "test/top1" in good.data.metrics
+    assert parent.info.status == "FAILED" and parent.data.metrics["sweep/failed"] == 1
+    table = summary(tmp_path, parent)
+    assert list(table.status) == ["FAILED", "FINISHED"]
+    assert table.error[0] == "ConfigError: model.gamma_d=-1.0: must be > 0" and table.error[1] == ""
+    assert table.test_top1[0] == "" and 0 <= float(table.test_top1[1]) <= 1
+
+
+def test_parallel_joblib_sweep_records_every_job(tmp_path, cache):
+    done = multirun(tmp_path, cache, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    parent, children = parent_and_children(tmp_path)
+    assert parent.info.status == "FINISHED" and [c.info.status for c in children] == ["FINISHED"] * 2
+    first, second = children
+    assert first.info.start_time < second.info.end_time and second.info.start_time < first.info.end_time, \
+        "the two jobs did not run at the same time"
+    for child in children:
+        assert metric_steps(store_uri(tmp_path), child.info.run_id, "train/loss") == [1, 2, 3, 4]
+        assert not math.isnan(child.data.metrics["test/top1"])
+    assert list(summary(tmp_path, parent).changed) == ["seed=1", "seed=2"]
+
+
+def _compose(*overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf"), job_name="compose"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_every_expansion_step_doubles_exactly_one_factor_of_x3d_xs():
+    params = _compose("+sweep=expand_one_axis").hydra.sweeper.params
+    steps = params["+expand"].split(",")
+    assert steps == ["base", *XS]
+    for step in steps:
+        model = _compose("+sweep=expand_one_axis", f"+expand={step}").model
+        assert {k: model[k] for k in XS} == {k: v * 2 if k == step else v for k, v in XS.items()}
+
+
+def test_grid_and_variant_sweeps_compose():
+    grid = _compose("+sweep=width_depth_grid").hydra.sweeper.params
+    assert grid["model.gamma_w"] == "1.0,1.5,2.0" and grid["model.gamma_d"] == "2.2,3.3,4.4"
+    variants = _compose("+sweep=published_variants").hydra.sweeper.params
+    assert variants["model"] == "x3d_xs,x3d_s,x3d_m,x3d_l"
+
+
+def test_slurm_launcher_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    launcher = _compose("hydra/launcher=slurm", "hydra.launcher.partition=gpu").hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.partition == "gpu" and launcher.tasks_per_node == 1 and launcher.nodes == 1
