@@ -161,8 +161,10 @@ def plot_top1_vs_gmacs(table, title: str, path: Path) -> Path:
     done = table[(table.status == "FINISHED") & table.gmacs.notna() & table.test_top1.notna()]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.scatter(done.gmacs, done.test_top1, zorder=3)
-    for _, row in done.iterrows():
-        ax.annotate(row.changed, (row.gmacs, row.test_top1), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    # Jobs of equal accuracy and similar cost would print their labels on top of each other: stagger them.
+    for i, (_, row) in enumerate(done.sort_values("gmacs").iterrows()):
+        ax.annotate(row.changed, (row.gmacs, row.test_top1), textcoords="offset points", xytext=(4, 4 + 9 * (i % 3)),
+                    fontsize=7)
     if len(done) and done.gmacs.max() > 10 * done.gmacs.min():
         ax.set_xscale("log")
     failed = int((table.status != "FINISHED").sum())
