@@ -142,12 +142,14 @@ def parameter_digest(cell) -> str:
 def check_replicas(cell, dist: Dist, out_dir: Path) -> str:
     """Write this rank's parameter digest to `out_dir/ranks/rank<N>.json` and fail unless all ranks agree.
 
+    Returns the digest ('' in a single process, which has nothing to compare).
+
     Data parallelism keeps replicas identical only if every rank starts from the same weights, applies the same
     averaged gradients and the BN buffers are averaged; a mismatch means the run's result is not one model's.
     """
-    digest = parameter_digest(cell)
     if dist.world_size == 1:
-        return digest
+        return ""
+    digest = parameter_digest(cell)
     path = Path(out_dir) / "ranks" / f"rank{dist.rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"rank": dist.rank, "world_size": dist.world_size, "params_sha256": digest}))
