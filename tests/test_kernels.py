@@ -248,6 +248,43 @@ def test_swish_saturates_without_overflow(pynative_mode):
     np.testing.assert_allclose(ours, exact, rtol=FORWARD_RTOL, atol=1e-30)
 
 
+def randomise_batchnorms(net, seed):
+    """Non-trivial running statistics and affine parameters, as after training."""
+    rng = np.random.default_rng(seed)
+    for name, param in net.parameters_and_names():
+        if "bn2d" in name:
+            positive = "variance" in name or "gamma" in name
+            value = rng.random(param.shape) + 0.5 if positive else rng.standard_normal(param.shape) * 0.3
+            param.set_data(Tensor(value.astype(np.float32)))
+
+
+def test_fused_inference_network_matches_eval_mode(graph_mode):
+    """BatchNorms folded into the channelwise kernels: the same logits at the training and a test crop."""
+    from x3d_exp.models import build_model
+    from x3d_exp.models.fuse import fuse_for_inference
+
+    net = build_model("x3d_xs", num_classes=7, conv_impl="native", stage_depths=[2, 2, 1, 1], head_width=64)
+    randomise_batchnorms(net, 11)
+    names = sorted(p.name for p in net.get_parameters())
+    fused = fuse_for_inference(net)
+    assert sorted(p.name for p in net.get_parameters()) == names  # the original is untouched
+    kinds = [type(c) for _, c in fused.cells_and_names()]
+    assert kinds.count(ops.FusedChannelwiseConv3d) == 1 + 6  # the stem and every block
+    assert not fused.training
+
+    net.set_train(False)
+    rng = np.random.default_rng(12)
+    for crop in (64, 91):
+        x = Tensor(rng.standard_normal((2, 3, 4, crop, crop)).astype(np.float32))
+        assert rel_err(fused(x).asnumpy(), net(x).asnumpy()) <= FORWARD_RTOL
+
+
+def test_fused_conv_refuses_combinations_without_a_kernel():
+    conv = kernels.build_channelwise_conv3d(4, (3, 3, 3), (1, 1, 1), (1, 1, 1), "custom")
+    with pytest.raises(ValueError, match="no fused kernel"):
+        ops.FusedChannelwiseConv3d(conv, np.ones((4, 4)), "swish", None)
+
+
 def small_x3d(conv_impl):
     from x3d_exp.models import build_model
 

@@ -3,6 +3,8 @@
     python -m x3d_exp.bench.speed                     # XS, S, M; forward b1, forward b8, train step b8
     python -m x3d_exp.bench.speed --variants xs --repeats 5 --json out.json
 
+Ours infers with the BatchNorms folded into the channelwise-conv kernels
+(`x3d_exp.models.fuse`; `--no-fuse` for the plain eval-mode network).
 Each framework runs in its own worker process (their thread pools would
 fight inside one), and the driver asks them for one timed step at a time,
 alternating, so load from other jobs on the machine hits both alike. Times
@@ -47,7 +49,8 @@ LEARNING_RATE = 0.01
 MOMENTUM = 0.9
 # Profiler op types -> the layer types they belong to in X3D. Custom ops (our C++ kernels) go by their cell.
 CUSTOM_GROUPS = {
-    "ChannelwiseConv3d": "channelwise conv3d (C++ kernels)",
+    "ChannelwiseConv3d": "channelwise conv3d (C++ kernels; fused: with the folded BNs)",
+    "FusedChannelwiseConv3d": "channelwise conv3d (C++ kernels; fused: with the folded BNs)",
     "BatchNormAct3d": "batchnorm + relu/swish (C++ kernels)",
     "ChannelMean": "pooling (SE, head) and its gradient",
     "Gate": "SE gating + swish (C++ kernels)",
@@ -105,11 +108,12 @@ def _peak_mb() -> dict:
 
 
 class MindSporeRunner:
-    """Our X3D in GRAPH mode: `nn.TrainOneStepCell` for training, the eval-mode net for inference."""
+    """Our X3D in GRAPH mode: `nn.TrainOneStepCell` for training; for inference the eval-mode net, with its
+    BatchNorms folded into the channelwise convs (`x3d_exp.models.fuse`) when `fuse` and the kernels are on."""
 
     name = "mindspore"
 
-    def __init__(self, kernels: str):
+    def __init__(self, kernels: str, fuse: bool = True):
         from x3d_exp.launch import prepare_process
 
         prepare_process()
@@ -121,8 +125,10 @@ class MindSporeRunner:
 
         self.ms = ms
         self.conv_impl = resolve_cpu_kernels(kernels, "CPU")
+        self.fuse = fuse and self.conv_impl != "native"
         self.variant = None
         self.net = None
+        self.fused = None
         self.train_cell = None
         self.step = None
 
@@ -134,7 +140,7 @@ class MindSporeRunner:
 
         batch, train = CASES[case]
         if variant != self.variant:
-            self.net = self.train_cell = None  # free the previous variant first
+            self.net = self.fused = self.train_cell = None  # free the previous variant first
             self.net = build_model(VARIANTS[variant], num_classes=NUM_CLASSES, conv_impl=self.conv_impl)
             self.variant = variant
         spec = self.net.spec
@@ -150,13 +156,18 @@ class MindSporeRunner:
             self.step = lambda: self.train_cell(x, y).asnumpy()
         else:
             self.net.set_train(False)
-            self.step = lambda: self.net(x).asnumpy()
+            if self.fuse and self.fused is None:
+                from x3d_exp.models.fuse import fuse_for_inference
+
+                self.fused = fuse_for_inference(self.net)
+            net = self.fused if self.fuse else self.net
+            self.step = lambda: net(x).asnumpy()
         for _ in range(WARMUP):
             self.step()
         _peak_reset()
         params = int(sum(p.size for p in self.net.trainable_params()))
         shape = [batch, 3, spec.num_frames, spec.crop_size, spec.crop_size]
-        return {"params": params, "conv_impl": self.conv_impl, "input": shape}
+        return {"params": params, "conv_impl": self.conv_impl, "fused": self.fuse and not train, "input": shape}
 
     def time_one(self) -> float:
         start = time.perf_counter()
@@ -325,7 +336,7 @@ def _worker(kind: str, options: dict, conn) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     try:
-        runner = MindSporeRunner(options["kernels"]) if kind == "mindspore" else TorchRunner()
+        runner = MindSporeRunner(options["kernels"], options["fuse"]) if kind == "mindspore" else TorchRunner()
         conn.send(("ok", None))
     except Exception:
         conn.send(("error", traceback.format_exc()))
@@ -424,11 +435,11 @@ def _versions() -> dict:
 
 
 def run(variants: List[str], cases: List[str], repeats: Optional[int], with_torch: bool, kernels: str,
-        profile: bool, log=print) -> dict:
+        profile: bool, fuse: bool = True, log=print) -> dict:
     result = {"machine": machine_description(), "versions": _versions(), "load_before": os.getloadavg(),
               "rows": [], "profiles": {}}
     log(_machine_line(result))
-    ours = Worker("mindspore", {"kernels": kernels})
+    ours = Worker("mindspore", {"kernels": kernels, "fuse": fuse})
     theirs = Worker("pytorch", {}) if with_torch else None
     runners = [ours] + ([theirs] if theirs else [])
     try:
@@ -553,6 +564,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", default="auto", choices=["auto", "native", "custom"],
                         help="model.cpu_kernels for ours (default auto; native is MindSpore's nn.Conv3d, "
                              "which runs one oneDNN call per channel: very slow)")
+    parser.add_argument("--no-fuse", action="store_true",
+                        help="infer with the plain eval-mode net, not the one with BNs folded into the kernels")
     parser.add_argument("--no-torch", action="store_true", help="time ours only")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-layer-type profile")
     parser.add_argument("--json", help="also write the full results here")
@@ -567,7 +580,8 @@ def main(argv=None) -> int:
 
         if find_spec("torch") is None or find_spec("pytorchvideo") is None:
             parser.error("PyTorch reference needs `pip install -e .[bench]` (torch, pytorchvideo); or --no-torch")
-    result = run(variants, cases, args.repeats, not args.no_torch, args.kernels, not args.no_profile)
+    result = run(variants, cases, args.repeats, not args.no_torch, args.kernels, not args.no_profile,
+                 fuse=not args.no_fuse)
     print()
     print(format_table(result))
     if args.json:

@@ -228,9 +228,18 @@ void merge_row(const float* src, int64_t phase_size, int64_t wq, int64_t sw, int
   copy_row(row, prow + pl, w);
 }
 
+// An affine map per channel, then an activation: a BatchNorm in its
+// running-statistics form (and what follows it) folded into the kernel.
+struct Affine {
+  float scale, shift;
+};
+
 // Padded volume split into stride phases (see the top of the file). Writes
 // every element once, padding included, so the buffer needs no clearing.
-void pack_input(const Geometry& G, const float* x, float* packed) {
+// With `In` = kRelu each input row goes through relu(x * scale + shift) on the
+// way; the padding stays zero, as the convolution pads that result.
+template <Act In = Act::kNone>
+void pack_input(const Geometry& G, const float* x, float* packed, Affine in = {1.f, 0.f}) {
   for (int64_t a = 0; a < G.sh; ++a)
     for (int64_t f = 0; f < G.tp; ++f)
       for (int64_t yq = 0; yq < G.hq; ++yq) {
@@ -240,7 +249,16 @@ void pack_input(const Geometry& G, const float* x, float* packed) {
           for (int64_t b = 0; b < G.sw; ++b) zero_row(dst + b * G.phase_size, G.wq);
           continue;
         }
-        split_row(x + (t * G.h + h) * G.w, G.w, G.pl, dst, G.phase_size, G.wq, G.sw);
+        const float* row = x + (t * G.h + h) * G.w;
+        if constexpr (In != Act::kNone) {
+          float* mapped = scratch(4, G.w);
+          for (int64_t i = 0; i < G.w; i += kLanes) {
+            int64_t m = std::min<int64_t>(kLanes, G.w - i);
+            store_n(mapped + i, activate<In>(load_n(row + i, m) * in.scale + in.shift), m);
+          }
+          row = mapped;
+        }
+        split_row(row, G.w, G.pl, dst, G.phase_size, G.wq, G.sw);
       }
   zero_row(packed + G.phases * G.phase_size, G.tail_zeros);
 }
@@ -259,6 +277,20 @@ void unpack_output(const Geometry& G, const float* packed, float* y) {
   for (int64_t ot = 0; ot < G.to; ++ot)
     for (int64_t oh = 0; oh < G.ho; ++oh)
       copy_row(y + (ot * G.ho + oh) * G.wo, packed + ot * G.st * G.plane + oh * G.wq, G.wo);
+}
+
+// unpack_output through act(y * scale + shift).
+template <Act Out>
+void unpack_output_mapped(const Geometry& G, const float* packed, float* y, Affine out) {
+  for (int64_t ot = 0; ot < G.to; ++ot)
+    for (int64_t oh = 0; oh < G.ho; ++oh) {
+      const float* src = packed + ot * G.st * G.plane + oh * G.wq;
+      float* dst = y + (ot * G.ho + oh) * G.wo;
+      for (int64_t i = 0; i < G.wo; i += kLanes) {
+        int64_t m = std::min<int64_t>(kLanes, G.wo - i);
+        store_n(dst + i, activate<Out>(load_n(src + i, m) * out.scale + out.shift), m);
+      }
+    }
 }
 
 // Zeros everywhere but the real outputs: the gradient loops rely on reading
@@ -284,7 +316,7 @@ void pack_output_grad(const Geometry& G, const float* dy, float* packed) {
 
 // Per-thread scratch, grown on demand and kept between calls.
 float* scratch(int slot, int64_t floats) {
-  thread_local std::vector<float> buffers[4];
+  thread_local std::vector<float> buffers[5];
   std::vector<float>& b = buffers[slot];
   if (static_cast<int64_t>(b.size()) < floats) b.resize(floats);
   return b.data();
@@ -375,3 +407,56 @@ extern "C" int ChannelwiseConv3dBackward(int nparam, void** params, int* ndims, 
   });
   return 0;
 }
+
+namespace {
+
+// Inference: y = out_act(conv(in_act(x * in_scale + in_shift)) * out_scale + out_shift),
+// per channel; affine is (4, C): in_scale, in_shift, out_scale, out_shift (In
+// = kNone: x as it is, the input pair unused). The
+// BatchNorms and activations around X3D's channelwise conv ride along the
+// packing and unpacking the kernel does anyway: two passes over memory and
+// two ops fewer per block.
+template <Act In, Act Out>
+int fused_forward(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes) {
+  if (nparam != 5 || ndims[0] != 5 || ndims[1] != 5 || ndims[2] != 1 || shapes[2][0] != 9 || ndims[3] != 2 ||
+      ndims[4] != 5)
+    return 1;
+  if (!is_float32(dtypes[0]) || !is_float32(dtypes[1]) || !is_int64(dtypes[2]) || !is_float32(dtypes[3]) ||
+      !is_float32(dtypes[4]))
+    return 2;
+  Geometry G;
+  if (!make_geometry(shapes[0], shapes[1], static_cast<const int64_t*>(params[2]), shapes[4], &G)) return 3;
+  if (shapes[3][0] != 4 || shapes[3][1] != G.c) return 3;
+  const float* x = static_cast<const float*>(params[0]);
+  const float* weight = static_cast<const float*>(params[1]);
+  const float* affine = static_cast<const float*>(params[3]);
+  float* y = static_cast<float*>(params[4]);
+  const int64_t taps = G.kt * G.kh * G.kw;
+  const int64_t in_size = G.t * G.h * G.w, out_size = G.to * G.ho * G.wo;
+  Pool::get().run(G.n * G.c, [&](int64_t item) {
+    int64_t ch = item % G.c;
+    float* packed = scratch(0, G.phases * G.phase_size + G.slack);
+    float* result = scratch(1, G.out_len + G.slack);
+    pack_input<In>(G, x + item * in_size, packed, {affine[ch], affine[G.c + ch]});
+    correlate(result, packed, G.tap_offset.data(), weight + ch * taps, taps, G.out_len);
+    unpack_output_mapped<Out>(G, result, y + item * out_size, {affine[2 * G.c + ch], affine[3 * G.c + ch]});
+  });
+  return 0;
+}
+
+}  // namespace
+
+#define X3D_FUSED(symbol, In, Out)                                                                        \
+  extern "C" int symbol(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,     \
+                        void* stream, void* extra) {                                                      \
+    (void)stream;                                                                                         \
+    (void)extra;                                                                                          \
+    return fused_forward<In, Out>(nparam, params, ndims, shapes, dtypes);                                 \
+  }
+
+// Inputs: x, weight, geometry (as ChannelwiseConv3dForward), affine (4, C). Output: y.
+// The combinations X3D has: the stem's conv_t (BN + ReLU after), conv_b in
+// blocks with SE (BN + ReLU before, BN after) and without (then BN + Swish).
+X3D_FUSED(ChannelwiseConv3dFused_none_relu, Act::kNone, Act::kRelu)
+X3D_FUSED(ChannelwiseConv3dFused_relu_none, Act::kRelu, Act::kNone)
+X3D_FUSED(ChannelwiseConv3dFused_relu_swish, Act::kRelu, Act::kSwish)

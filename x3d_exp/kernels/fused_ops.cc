@@ -22,65 +22,6 @@ using namespace x3d;
 
 constexpr int64_t kFlush = 1024;
 
-enum class Act { kNone, kRelu, kSwish };
-
-typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-// `m` lanes from p (m <= kLanes), zeros in the rest: volumes are rarely whole vectors.
-inline Vec load_n(const float* p, int64_t m) {
-  if (m == kLanes) return load(p);
-  Vec v{};
-  std::memcpy(&v, p, sizeof(float) * m);
-  return v;
-}
-
-inline void store_n(float* p, Vec v, int64_t m) {
-  if (m == kLanes) return store(p, v);
-  std::memcpy(p, &v, sizeof(float) * m);
-}
-
-// exp(x) with Cephes' single-precision polynomial (about 2 ulp): the vectorised
-// libm exp needs -ffast-math, which would also loosen the sums.
-inline Vec vexp(Vec x) {
-  x = x < splat(88.3f) ? x : splat(88.3f);
-  x = x > splat(-87.3f) ? x : splat(-87.3f);
-  // Round to nearest by the float mantissa: no vector floor in GCC's vector extensions.
-  Vec n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  Vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  Vec p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  Vec y = p * r * r + r + 1.f;
-  IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
-  Vec scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
-}
-
-inline Vec sigmoid(Vec z) { return 1.f / (1.f + vexp(-z)); }
-
-template <Act A>
-inline Vec activate(Vec z) {
-  if constexpr (A == Act::kRelu) return z > 0.f ? z : Vec{};
-  if constexpr (A == Act::kSwish) return z * sigmoid(z);
-  return z;
-}
-
-// Gradient through the activation: dy * act'(z). Zero where dy is zero, so the
-// zero-filled tails of partial vectors add nothing to the sums.
-template <Act A>
-inline Vec activate_grad(Vec z, Vec dy) {
-  if constexpr (A == Act::kRelu) return z > 0.f ? dy : Vec{};
-  if constexpr (A == Act::kSwish) {
-    Vec s = sigmoid(z);
-    return dy * s * (1.f + z * (1.f - s));
-  }
-  return dy;
-}
-
 struct Shape {
   int64_t n, c, s;
 };

@@ -104,6 +104,46 @@ class ChannelwiseConv3d(nn.Cell):
         return f"channels={self.group}, kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
+class FusedChannelwiseConv3d(nn.Cell):
+    """Inference only: `out_act(conv(in_act(x * in_scale + in_shift)) * out_scale + out_shift)` in one kernel.
+
+    Made by `x3d_exp.models.fuse` from a ChannelwiseConv3d and the eval-mode
+    BatchNorms (with their activations) before and after it. Holds constants,
+    not parameters: a snapshot of the weights it was made from. No gradient.
+    (in_act, out_act) is one of X3D's: (None, "relu") for the stem, ("relu", None) and ("relu", "swish") for
+    blocks with and without SE; in_act None leaves x as it is (the input half of `affine` unused).
+    """
+
+    COMBINATIONS = ((None, "relu"), ("relu", None), ("relu", "swish"))
+
+    def __init__(self, conv: ChannelwiseConv3d, affine: np.ndarray, in_act: Optional[str], out_act: Optional[str]):
+        super().__init__()
+        if (in_act, out_act) not in self.COMBINATIONS:
+            raise ValueError(f"no fused kernel for activations in={in_act!r}, out={out_act!r}")
+        self.stride, self.padding, self.group = conv.stride, conv.padding, conv.group
+        self.in_act, self.out_act = in_act, out_act
+        self.weight = Tensor(conv.weight.asnumpy())
+        self.geometry = conv.geometry
+        self.affine = Tensor(np.asarray(affine, np.float32).reshape(4, conv.group))
+        symbol = f"ChannelwiseConv3dFused_{in_act or 'none'}_{out_act or 'none'}"
+        self.conv = ops.Custom(f"{kernel_library()}:{symbol}", out_shape=_fused_shape(conv.stride, conv.padding),
+                               out_dtype=lambda x, w, g, a: x, func_type="aot")
+
+    def construct(self, x):
+        return self.conv(x, self.weight, self.geometry, self.affine)
+
+    def extend_repr(self):
+        return f"channels={self.group}, stride={self.stride}, in_act={self.in_act}, out_act={self.out_act}"
+
+
+def _fused_shape(stride, padding):
+    def shape(x, weight, geometry, affine):
+        return [x[0], x[1]] + [_out_size(x[2 + i], weight[2 + i], stride[i], padding[2 * i], padding[2 * i + 1])
+                               for i in range(3)]
+
+    return shape
+
+
 # Activation name -> the kernels' symbol infix.
 ACTIVATIONS = {None: "", "relu": "Relu", "swish": "Swish"}
 
