@@ -13,6 +13,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <mutex>
 #include <sched.h>
 #include <thread>
@@ -45,17 +48,31 @@ inline float hsum(Vec v) {
   return s;
 }
 
-// `m` lanes from p (m <= kLanes), zeros in the rest: volumes are rarely whole vectors.
+// `m` lanes from p (0 < m <= kLanes), zeros in the rest: volumes and rows are
+// rarely whole vectors. Masked moves where there are any: a variable-length
+// memcpy per row costs more than the row's arithmetic.
 inline Vec load_n(const float* p, int64_t m) {
   if (m == kLanes) return load(p);
+#if defined(__AVX512F__)
+  __m512 r = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << m) - 1), p);
+  Vec v;
+  std::memcpy(&v, &r, sizeof(v));
+#else
   Vec v{};
   std::memcpy(&v, p, sizeof(float) * m);
+#endif
   return v;
 }
 
 inline void store_n(float* p, Vec v, int64_t m) {
   if (m == kLanes) return store(p, v);
+#if defined(__AVX512F__)
+  __m512 r;
+  std::memcpy(&r, &v, sizeof(v));
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << m) - 1), r);
+#else
   std::memcpy(p, &v, sizeof(float) * m);
+#endif
 }
 
 enum class Act { kNone, kRelu, kSwish };
