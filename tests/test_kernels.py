@@ -171,10 +171,19 @@ def bn_results(cell, stats, x, probe, train):
 @pytest.mark.parametrize("activation", [None, "relu", "swish"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_batchnorm_act_matches_native(shape, activation, train, pynative_mode):
+    check_batchnorm_act(shape, activation, train, scale=3.0, offset=1.5)
+
+
+def test_batchnorm_statistics_of_a_far_off_centre_input(pynative_mode):
+    """Mean 50 times the standard deviation: the one-pass variance must not cancel its digits away."""
+    check_batchnorm_act((2, 5, 3, 7, 9), "relu", True, scale=1.0, offset=50.0)
+
+
+def check_batchnorm_act(shape, activation, train, scale, offset):
     rng = np.random.default_rng(6)
     channels = shape[1]
-    # Off-centre, scaled input: the centred variance pass matters; large values reach the sigmoid's tails.
-    x = Tensor((rng.standard_normal(shape) * 3 + 1.5).astype(np.float32))
+    # Large values reach the sigmoid's tails.
+    x = Tensor((rng.standard_normal(shape) * scale + offset).astype(np.float32))
     stats = [rng.standard_normal(channels).astype(np.float32), rng.standard_normal(channels).astype(np.float32),
              rng.standard_normal(channels).astype(np.float32), (rng.random(channels) + 0.5).astype(np.float32)]
     probe = Tensor(rng.standard_normal(shape).astype(np.float32))

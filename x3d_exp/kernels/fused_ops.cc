@@ -58,36 +58,31 @@ void bn_train_channel(const Shape& D, int64_t c, const float* x, float* y, float
                       float momentum, float* mean_out, float* invstd_out, float* running_mean,
                       float* running_var) {
   const int64_t count = D.n * D.s;
-  double sum = 0.0;
+  // One pass for both moments, of x - shift with the channel's first value as
+  // the shift: close enough to the mean that E[d^2] - E[d]^2 keeps its digits.
+  const float shift0 = x[c * D.s];
+  const Vec shiftv = splat(shift0);
+  double sum = 0.0, squares = 0.0;
   for (int64_t n = 0; n < D.n; ++n) {
     const float* v = x + (n * D.c + c) * D.s;
     for (int64_t start = 0; start < D.s; start += kFlush) {
       int64_t end = std::min(D.s, start + kFlush);
-      Vec acc{};
-      for (int64_t i = start; i < end; i += kLanes) acc += load_n(v + i, std::min<int64_t>(kLanes, end - i));
-      sum += hsum(acc);
-    }
-  }
-  const double mean = sum / count;
-  const Vec meanv = splat(static_cast<float>(mean));
-  // Centred second pass (the channel is mostly still in cache): no cancellation.
-  double squares = 0.0;
-  for (int64_t n = 0; n < D.n; ++n) {
-    const float* v = x + (n * D.c + c) * D.s;
-    for (int64_t start = 0; start < D.s; start += kFlush) {
-      int64_t end = std::min(D.s, start + kFlush);
-      Vec acc{};
+      Vec acc{}, acc2{};
       for (int64_t i = start; i < end; i += kLanes) {
         int64_t m = std::min<int64_t>(kLanes, end - i);
-        Vec d = load_n(v + i, m) - meanv;
+        Vec d = load_n(v + i, m) - shiftv;
         if (m < kLanes)
           for (int64_t k = m; k < kLanes; ++k) d[k] = 0.f;
-        acc += d * d;
+        acc += d;
+        acc2 += d * d;
       }
-      squares += hsum(acc);
+      sum += hsum(acc);
+      squares += hsum(acc2);
     }
   }
-  const double var = squares / count;
+  const double mean_shifted = sum / count;
+  const double mean = shift0 + mean_shifted;
+  const double var = std::max(0.0, squares / count - mean_shifted * mean_shifted);
   const double invstd = 1.0 / std::sqrt(var + eps);
   const float scale = static_cast<float>(gamma * invstd);
   const float shift = static_cast<float>(beta - mean * gamma * invstd);
