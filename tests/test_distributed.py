@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import psutil
 import pytest
 
 from tests.cli_helpers import REPO, TINY, cli_env, final_json, run_cli, runs_of, store_uri
+from x3d_exp.msrun import STOP_GRACE_S
 
 pytestmark = pytest.mark.slow
 
@@ -86,15 +88,19 @@ def test_test_top1_equals_a_single_process_test_of_the_checkpoint(trained, cache
 
 
 def _ranks(launcher: psutil.Process) -> dict:
-    """{rank: process} of the msrun workers below the launcher."""
+    """{rank: process} of the ranks msrun started: its children running run.py as MS_WORKER.
+
+    Their own children (the kernel compiler, say) and msrun itself carry the same environment variables.
+    """
     found = {}
-    for proc in launcher.children(recursive=True):
-        try:
-            env = proc.environ()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        if env.get("MS_ROLE") == "MS_WORKER":
-            found[int(env["RANK_ID"])] = proc
+    for msrun in launcher.children():
+        for proc in msrun.children():
+            try:
+                env, cmdline = proc.environ(), proc.cmdline()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if env.get("MS_ROLE") == "MS_WORKER" and any(arg.endswith("run.py") for arg in cmdline):
+                found[int(env["RANK_ID"])] = proc
     return found
 
 
@@ -125,20 +131,22 @@ def test_a_rank_that_dies_fails_the_run_cleanly(tmp_path, cache):
     _ranks(psutil.Process(proc.pid))[1].kill()
     killed = time.time()
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and time.time() - killed < 60
-    assert "error: distributed run failed (msrun exit status 1)" in err
+    # msrun's scheduler alone would wait out its node timeout (30-120 s) for the killed rank.
+    assert proc.returncode == 2 and time.time() - killed < 30
+    assert re.search(r"error: distributed run failed \(rank process \d+ exited with status -9\)", err), err[-2000:]
     (run,) = runs_of(store_uri(tmp_path))
-    assert run.info.status == "FAILED" and "msrun exit status 1" in run.data.tags["error"]
+    assert run.info.status == "FAILED" and "exited with status -9" in run.data.tags["error"]
     assert not _survivors(tree)
 
 
 def test_the_launcher_timeout_stops_every_rank(tmp_path, cache):
+    # Long enough for the cluster to form (its start-up is bounded by the same timeout), shorter than 3 epochs.
     started = time.time()
-    proc, tree = _start(tmp_path, cache, "launcher.timeout=15")
+    proc, tree = _start(tmp_path, cache, "launcher.timeout=30", "trainer.epochs=3")
     _, err = proc.communicate(timeout=300)
     # The timeout, then at most the grace period msrun and the ranks get before SIGKILL, then closing the run.
-    assert time.time() - started < 15 + 15 + 30
-    assert proc.returncode == 2 and "launcher.timeout=15s passed" in err
+    assert time.time() - started < 30 + STOP_GRACE_S + 30
+    assert proc.returncode == 2 and "launcher.timeout=30s passed" in err
     (run,) = runs_of(store_uri(tmp_path))
     assert run.info.status == "FAILED"
     assert not _survivors(tree)

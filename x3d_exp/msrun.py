@@ -17,8 +17,10 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import DictConfig
 
@@ -35,7 +37,7 @@ RESULT_FILE = "result.json"
 FORWARDED_HYDRA = ("hydra.verbose", "hydra.job_logging", "hydra/job_logging", "hydra.hydra_logging",
                    "hydra/hydra_logging")
 # After SIGTERM, how long msrun and the ranks get to close their logs and the MLflow run before SIGKILL.
-STOP_GRACE_S = 15
+STOP_GRACE_S = 5
 
 
 class LaunchError(UserError):
@@ -123,6 +125,43 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+class _MsrunStderr(threading.Thread):
+    """Passes msrun's stderr through and notes when msrun reports a rank that exited non-zero."""
+
+    FAILED_RANK = re.compile(r"Worker process (\d+) exit with exception\. Error code: (-?\d+)")
+
+    def __init__(self, stream):
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.failure: Optional[str] = None
+        self.failed_at: Optional[float] = None
+
+    def run(self):
+        for line in self.stream:
+            sys.stderr.write(line)
+            found = self.FAILED_RANK.search(line)
+            if found and self.failure is None:
+                self.failure = f"rank process {found.group(1)} exited with status {found.group(2)}"
+                self.failed_at = time.time()
+
+
+def _wait(proc: subprocess.Popen, stderr: _MsrunStderr, deadline: Optional[float]) -> Optional[int]:
+    """msrun's exit status, or None when it had to be stopped after reporting a failed rank.
+
+    msrun kills the other ranks as soon as one fails, but then waits for its scheduler, which takes its node
+    timeout (30-120 s seen here) to give up on ranks that were killed rather than left the cluster.
+    """
+    while (code := proc.poll()) is None:
+        now = time.time()
+        if deadline is not None and now > deadline:
+            raise subprocess.TimeoutExpired(proc.args, deadline)
+        if stderr.failed_at is not None and now - stderr.failed_at > STOP_GRACE_S:
+            _stop(proc)
+            return None
+        time.sleep(0.5)
+    return code
+
+
 def _first_error(log_dir: Path) -> str:
     """The last error line of the first rank log that has one (ranks msrun killed afterwards have none)."""
     pattern = re.compile(r"^(error: |[\w.]*(Error|Exception|Interrupt)\b)")
@@ -157,9 +196,12 @@ def launch(cfg: DictConfig) -> dict:
             env[ADOPT_ENV] = tracker.run_id
         print(f"launcher={cfg.launcher.name}: {world_size(cfg)} ranks ({cfg.launcher.nproc} on node "
               f"{cfg.launcher.node_rank}), logs in {run_dir / LOG_DIR}", flush=True)
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True,
+                                errors="replace")
+        stderr = _MsrunStderr(proc.stderr)
+        stderr.start()
         try:
-            code = proc.wait(timeout=timeout)
+            code = _wait(proc, stderr, started + timeout if timeout else None)
         except subprocess.TimeoutExpired:
             _stop(proc)
             raise LaunchError(f"launcher.timeout={cfg.launcher.timeout}s passed: stopped msrun and its ranks; "
@@ -167,9 +209,11 @@ def launch(cfg: DictConfig) -> dict:
         except BaseException:
             _stop(proc)
             raise
+        stderr.join(timeout=5)
         if code != 0:
-            raise LaunchError(f"distributed run failed (msrun exit status {code}): "
-                              f"{_first_error(run_dir / LOG_DIR)}; logs in {run_dir / LOG_DIR}")
+            cause = stderr.failure or f"msrun exit status {code}"
+            raise LaunchError(f"distributed run failed ({cause}): {_first_error(run_dir / LOG_DIR)}; "
+                              f"logs in {run_dir / LOG_DIR}")
         if not main_node:
             return {"task": cfg.task, "node_rank": int(cfg.launcher.node_rank), "world_size": world_size(cfg),
                     "seconds": round(time.time() - started, 1)}
