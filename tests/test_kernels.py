@@ -279,6 +279,8 @@ def test_fused_inference_network_matches_eval_mode(graph_mode):
     assert sorted(p.name for p in net.get_parameters()) == names  # the original is untouched
     kinds = [type(c) for _, c in fused.cells_and_names()]
     assert kinds.count(ops.FusedChannelwiseConv3d) == 1 + 6  # the stem and every block
+    assert kinds.count(ops.ResidualRelu) == 6
+    assert nn.BatchNorm3d not in kinds and ops.BatchNormAct3d in kinds  # only the head's BN is left
     assert not fused.training
 
     net.set_train(False)

@@ -1,5 +1,6 @@
 // BatchNorm with its activation, the SE squeeze and the SE gate with Swish,
-// as MindSpore Custom AOT kernels (forward and gradient for each).
+// as MindSpore Custom AOT kernels (forward and gradient for each); and for
+// inference the residual join of a block.
 //
 // MindSpore's CPU runs these as chains of separate ops, each a full pass over
 // memory (BatchNorm alone at about 4x its bandwidth bound, Swish as Sigmoid and
@@ -286,6 +287,32 @@ int gate_grad(int nparam, void** params, int* ndims, int64_t** shapes, const cha
   return 0;
 }
 
+// ------------------------------------------------------- residual join
+
+// Inference: relu(branch * bs + bt + shortcut * ss + st) per channel, the
+// block's last BatchNorm, the shortcut's BatchNorm (or 1, 0), the sum and the
+// ReLU in one pass. Inputs: branch, shortcut (N, C, ...), affine (4, C): bs,
+// bt, ss, st. Output: as branch.
+int residual_relu(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes) {
+  Shape D;
+  if (nparam != 4 || !read_shape(ndims[0], shapes[0], &D) || !all_float32(nparam, dtypes)) return 1;
+  if (ndims[2] != 2 || shapes[2][0] != 4 || shapes[2][1] != D.c) return 1;
+  const float *b = static_cast<const float*>(params[0]), *sc = static_cast<const float*>(params[1]);
+  const float* affine = static_cast<const float*>(params[2]);
+  float* y = static_cast<float*>(params[3]);
+  Pool::get().run(D.n * D.c, [&](int64_t item) {
+    const int64_t c = item % D.c;
+    const float bs = affine[c], ss = affine[2 * D.c + c], shift = affine[D.c + c] + affine[3 * D.c + c];
+    const float *bv = b + item * D.s, *sv = sc + item * D.s;
+    float* yv = y + item * D.s;
+    for (int64_t i = 0; i < D.s; i += kLanes) {
+      int64_t m = std::min<int64_t>(kLanes, D.s - i);
+      store_n(yv + i, activate<Act::kRelu>(load_n(bv + i, m) * bs + load_n(sv + i, m) * ss + shift), m);
+    }
+  });
+  return 0;
+}
+
 }  // namespace
 
 #define X3D_AOT(symbol, call)                                                                             \
@@ -311,3 +338,4 @@ X3D_AOT(Gate, gate<Act::kNone>)
 X3D_AOT(GateGrad, gate_grad<Act::kNone>)
 X3D_AOT(GateSwish, gate<Act::kSwish>)
 X3D_AOT(GateSwishGrad, gate_grad<Act::kSwish>)
+X3D_AOT(ResidualRelu, residual_relu)

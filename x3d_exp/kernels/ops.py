@@ -136,6 +136,23 @@ class FusedChannelwiseConv3d(nn.Cell):
         return f"channels={self.group}, stride={self.stride}, in_act={self.in_act}, out_act={self.out_act}"
 
 
+class ResidualRelu(nn.Cell):
+    """Inference only: `relu(branch * bs + bt + shortcut * ss + st)` per channel, one pass; `affine` (4, C).
+
+    A block's last BatchNorm, its shortcut's BatchNorm (or 1 and 0), the sum and the ReLU, folded by
+    `x3d_exp.models.fuse`. Holds constants; no gradient.
+    """
+
+    def __init__(self, affine: np.ndarray):
+        super().__init__()
+        self.affine = Tensor(np.asarray(affine, np.float32))
+        self.join = ops.Custom(f"{kernel_library()}:ResidualRelu", out_shape=lambda b, s, a: b,
+                               out_dtype=lambda b, s, a: b, func_type="aot")
+
+    def construct(self, branch, shortcut):
+        return self.join(branch, shortcut, self.affine)
+
+
 def _fused_shape(stride, padding):
     def shape(x, weight, geometry, affine):
         return [x[0], x[1]] + [_out_size(x[2 + i], weight[2 + i], stride[i], padding[2 * i], padding[2 * i + 1])

@@ -1,18 +1,20 @@
-"""An inference network from a trained X3D, with BatchNorms folded into the channelwise convolutions.
+"""An inference network from a trained X3D, with its BatchNorms folded into the C++ kernels.
 
 In eval mode a BatchNorm is an affine map per channel. Around each
 channelwise conv the CPU kernel applies them on the way in and out of the
 buffers it fills anyway: the stem's conv_t takes its BN + ReLU, each block's
 conv_b takes bn_a + ReLU before it and bn_b (+ Swish without SE) after it.
-Per block that is two passes over the largest activations and two ops fewer.
+Each block's residual join takes bn_c, the shortcut's BN, the sum and the
+ReLU. Per block that is four passes over memory and four ops fewer.
 
     fused = fuse_for_inference(network)   # network: trained, any conv_impl
     logits = fused(x)                     # == network.set_train(False)(x), within 1e-5
 
 The result is a new network holding a snapshot of the weights (the original
-is untouched): build it after loading a checkpoint, for task=test, task=infer
-and export; not for evaluation between training epochs unless rebuilt (and
-recompiled) each time. It needs the CPU kernels and runs in eval mode only.
+is untouched): build it after loading a checkpoint, for task=test and
+task=infer; not for evaluation between training epochs unless rebuilt (and
+recompiled) each time, nor for export (the MINDIR would call this machine's
+kernel library). It needs the CPU kernels and runs in eval mode only.
 """
 
 from __future__ import annotations
@@ -23,7 +25,28 @@ from typing import Optional
 import numpy as np
 from mindspore import nn
 
-from x3d_exp.models.x3d import X3D, X3DBottleneck, create_x3d
+from x3d_exp.models.x3d import X3D, X3DBottleneck, X3DResBlock, create_x3d
+
+
+class InferenceResBlock(nn.Cell):
+    """X3DResBlock with bn_c, shortcut_bn, the sum and the ReLU in one kernel (see `fuse_for_inference`)."""
+
+    def __init__(self, block: X3DResBlock):
+        from x3d_exp.kernels.ops import ResidualRelu
+
+        super().__init__()
+        channels = block.branch.bn_c.bn2d.gamma.shape[0]
+        self.residual = ResidualRelu(np.stack(_scale_shift(block.branch.bn_c, channels)
+                                              + _scale_shift(block.shortcut_bn, channels)))
+        block.branch.bn_c = nn.Identity()
+        self.branch = block.branch
+        self.shortcut_conv = block.shortcut_conv
+
+    def construct(self, x):
+        shortcut = x
+        if self.shortcut_conv is not None:
+            shortcut = self.shortcut_conv(x)
+        return self.residual(self.branch(x), shortcut)
 
 
 def fuse_for_inference(network: X3D) -> X3D:
@@ -46,6 +69,9 @@ def fuse_for_inference(network: X3D) -> X3D:
                                              cell.bn_b.activation)
         cell.bn_a = nn.Identity()
         cell.bn_b = nn.Identity()
+    for stage in fused.stages:
+        for index, block in enumerate(list(stage.blocks)):
+            stage.blocks[index] = InferenceResBlock(block)
     fused.set_train(False)
     return fused
 
