@@ -147,7 +147,9 @@ def test_grid_and_variant_sweeps_compose():
 
 
 def test_slurm_launcher_config_composes():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    # The [slurm] extra is part of the test install: the launcher plugin must be importable, not skipped.
+    import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+
     launcher = _compose("hydra/launcher=slurm", "hydra.launcher.partition=gpu").hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.partition == "gpu" and launcher.tasks_per_node == 1 and launcher.nodes == 1
