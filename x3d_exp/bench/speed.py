@@ -54,6 +54,7 @@ CUSTOM_GROUPS = {
     "BatchNormAct3d": "batchnorm + relu/swish (C++ kernels)",
     "ChannelMean": "pooling (SE, head) and its gradient",
     "Gate": "SE gating + swish (C++ kernels)",
+    "ResidualRelu": "residual join: BN + add + ReLU (inference, C++ kernels)",
 }
 CHANNELWISE = CUSTOM_GROUPS["ChannelwiseConv3d"]
 OP_GROUPS = {
