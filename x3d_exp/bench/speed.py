@@ -6,8 +6,9 @@
 Ours infers with the BatchNorms folded into the channelwise-conv kernels
 (`x3d_exp.models.fuse`; `--no-fuse` for the plain eval-mode network).
 Each framework runs in its own worker process (their thread pools would
-fight inside one), and the driver asks them for one timed step at a time,
-alternating, so load from other jobs on the machine hits both alike. Times
+fight inside one), and the driver asks them for one timed step at a time
+(each after an untimed one of its own), alternating, so load from other
+jobs on the machine hits both alike. Times
 are medians of wall-clock per step after warm-up (graph compilation for
 MindSpore). Peak memory is each worker's peak RSS during the timed steps
 (Linux VmHWM, reset after warm-up), and in brackets its rise over the RSS
@@ -44,6 +45,10 @@ CASE_TITLES = {"fwd1": "forward, batch 1", "fwd8": "forward, batch 8", "train8":
 TARGETS = {"fwd1": 0.8, "fwd8": 0.5, "train8": 0.5}
 DEFAULT_REPEATS = {"fwd1": 10, "fwd8": 3, "train8": 3}
 WARMUP = 2
+# Every timed step follows an untimed one of the same framework, as in a real loop of steps: after a step
+# both frameworks' thread pools spin-wait for a while (libgomp's OpenMP workers, MindSpore's pool), so a step
+# right after the other framework's ran on a contended CPU (ours at XS batch 1: 33 ms instead of 23), and a
+# step after a pause paid for waking its own threads (PyTorch's: 50 instead of 36).
 NUM_CLASSES = 400
 LEARNING_RATE = 0.01
 MOMENTUM = 0.9
@@ -451,6 +456,7 @@ def run(variants: List[str], cases: List[str], repeats: Optional[int], with_torc
                 for rep in range(repeats or DEFAULT_REPEATS[case]):
                     # Alternate who goes first so neither always follows the other's cache and thread state.
                     for w in (runners if rep % 2 == 0 else runners[::-1]):
+                        w.call("time_one")  # untimed lead-in, see WARMUP
                         times[w.kind].append(w.call("time_one"))
                 row = {"variant": variant, "case": case, "info": info,
                        "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
