@@ -485,10 +485,21 @@ def task_train(cfg: DictConfig) -> dict:
     return result
 
 
-def _test_and_record(cfg, network, test_loader, tracker, run_dir, history, dist: Dist = SINGLE) -> dict:
+def inference_network(network: nn.Cell) -> nn.Cell:
+    """For a one-off evaluation: with the CPU kernels, a copy with the eval BatchNorms folded into them (about half
+    the forward time, same logits within 1e-5; x3d_exp.models.fuse). Not between epochs: each copy compiles anew."""
+    if network.spec.conv_impl == "native":
+        return network
+    from x3d_exp.models.fuse import fuse_for_inference
+
+    return fuse_for_inference(network)
+
+
+def _test_and_record(cfg, network, test_loader, tracker, run_dir, history, dist: Dist = SINGLE,
+                     scorer: Optional[nn.Cell] = None) -> dict:
     from x3d_exp.models.summary import count_parameters
 
-    metrics = evaluate(network, test_loader, int(cfg.data.num_classes), cfg, "test", dist)
+    metrics = evaluate(scorer or network, test_loader, int(cfg.data.num_classes), cfg, "test", dist)
     bad = int(round(dist.all_reduce_sum(np.array([len(test_loader.bad_videos())]))[0]))
     tracker.log_metrics({"test/top1": metrics["top1"], "test/top5": metrics["top5"], "test/loss": metrics["loss"],
                          "data/bad_videos_test": bad}, None)
@@ -524,7 +535,8 @@ def task_test(cfg: DictConfig) -> dict:
         loaders = _loaders(cfg, network.spec, run_dir, ("test",), dist)
         tracker.log_model(network, input_sizes(cfg, network.spec))
         tracker.log_params({"world_size": dist.world_size})
-        result = _test_and_record(cfg, network, loaders["test"], tracker, run_dir, [], dist)
+        result = _test_and_record(cfg, network, loaders["test"], tracker, run_dir, [], dist,
+                                  scorer=inference_network(network))
         result.update(task="test", run_id=tracker.run_id, val_top1=None, epochs=0,
                       seconds=round(time.time() - started, 1))
         _leave_result(result, run_dir, dist)

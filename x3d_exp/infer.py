@@ -117,7 +117,7 @@ def _predict(network, rows: List[Tuple[_Video, np.ndarray]], batch_size: int) ->
 
 def task_infer(cfg: DictConfig) -> dict:
     from x3d_exp.data import DataError, load_video_views
-    from x3d_exp.engine import build_network, input_sizes, setup_context
+    from x3d_exp.engine import build_network, inference_network, input_sizes, setup_context
     from x3d_exp.weights import WeightsError, load_params, read_params
 
     started = time.time()
@@ -160,6 +160,7 @@ def task_infer(cfg: DictConfig) -> dict:
         raise UserError(f"ckpt={ckpt}: {err}") from None
     network.set_train(False)
     sizes = input_sizes(cfg, network.spec)
+    network = inference_network(network)
     view_args = dict(num_frames=sizes["num_frames"], sampling_rate=sizes["sampling_rate"],
                      test_crop_size=sizes["test_crop_size"], num_clips=int(data.test_num_clips),
                      num_crops=int(data.test_num_crops), target_fps=float(data.target_fps))
