@@ -1,6 +1,5 @@
 """Shared test set-up: the same process hygiene as run.py, before MindSpore is imported."""
 
-import os
 import sys
 from pathlib import Path
 
