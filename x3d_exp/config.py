@@ -42,7 +42,7 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     name: str = "sgd"
-    lr: float = 0.05
+    lr: float = 0.03
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-5
@@ -55,7 +55,7 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: str = "cosine_warmup"
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 2.0
     # null: a fixed fraction of optim.lr (1/10 and 1/1000), so switching optimizer or lr keeps the shape.
     warmup_start_lr: Optional[float] = None
     end_lr: Optional[float] = None
@@ -77,7 +77,7 @@ class LauncherConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 15
+    epochs: int = 20
     eval_every: int = 1
     ckpt_every: int = 1
     keep_last: int = 2
