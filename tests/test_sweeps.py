@@ -139,11 +139,12 @@ def test_every_expansion_step_doubles_exactly_one_factor_of_x3d_xs():
         assert {k: model[k] for k in XS} == {k: v * 2 if k == step else v for k, v in XS.items()}
 
 
-def test_grid_and_variant_sweeps_compose():
+def test_grid_variant_and_seed_sweeps_compose():
     grid = _compose("+sweep=width_depth_grid").hydra.sweeper.params
     assert grid["model.gamma_w"] == "1.0,1.5,2.0" and grid["model.gamma_d"] == "2.2,3.3,4.4"
     variants = _compose("+sweep=published_variants").hydra.sweeper.params
     assert variants["model"] == "x3d_xs,x3d_s,x3d_m,x3d_l"
+    assert _compose("+sweep=seeds").hydra.sweeper.params["seed"] == "0,1,2,3,4,5"
 
 
 def test_slurm_launcher_config_composes():
