@@ -189,6 +189,41 @@ def test_every_group_option_composes_and_validates():
                 assert cfg[group].name == name
 
 
+def test_kinetics_preset_is_pyslowfasts_recipe_and_yields_to_the_command_line():
+    from x3d_exp.engine import build_optimizer
+    from x3d_exp.models import build_model
+
+    network = build_model("x3d_xs", num_classes=4)
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf")):
+        cfg = compose("config", overrides=["experiment=pyslowfast_kinetics", "model=x3d_m", "data.root=/data/k400"])
+        validate(cfg)
+        assert (cfg.model.name, cfg.data.name, cfg.launcher.name, cfg.optim.name) == ("x3d_m", "k400",
+                                                                                     "distributed_gpu", "sgd")
+        assert cfg.data.batch_size * cfg.launcher.nproc == 128 and cfg.trainer.epochs == 300
+        assert (cfg.data.test_num_clips, cfg.data.test_num_crops) == (10, 3)
+        _, rates = build_optimizer(cfg, network, steps_per_epoch=10, world_size=cfg.launcher.nproc)
+        # 35 warmup epochs from 0.01 to 0.1, then cosine to 0 at epoch 300.
+        assert len(rates) == 3000 and rates[0] == pytest.approx(0.01) and rates[350] == pytest.approx(0.1)
+        assert max(rates) == pytest.approx(0.1) and rates[-1] < 1e-5
+        # Half the GPUs: the lr follows the global batch; and a group chosen on the command line beats the preset's.
+        cfg = compose("config", overrides=["experiment=pyslowfast_kinetics", "launcher.nproc=4", "data=k600",
+                                           "data.root=/data/k600"])
+        _, rates = build_optimizer(cfg, network, steps_per_epoch=10, world_size=cfg.launcher.nproc)
+        assert cfg.data.name == "k600" and max(rates) == pytest.approx(0.05)
+
+
+def test_smoke_preset_runs_one_tiny_epoch_in_its_own_data_folder(cache, tmp_path):
+    done = run_cli(["debug=smoke", f"hydra.run.dir={tmp_path / 'run'}", f"mlflow.tracking_uri={store_uri(tmp_path)}"],
+                   cwd=tmp_path, cache=cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = final_json(done.stdout)
+    assert result["epochs"] == 1 and result["test_videos"] == 8
+    (run,) = runs_of(store_uri(tmp_path))
+    assert run.info.status == "FINISHED" and run.data.params["data.crop_size"] == "32"
+    assert run.data.params["data.root"] == str(cache / "synthetic_smoke")
+    assert (cache / "synthetic_smoke" / "synthetic.json").is_file()
+
+
 def test_optimizer_has_no_weight_decay_on_bn_and_biases():
     from x3d_exp.engine import build_optimizer
     from x3d_exp.models import build_model
