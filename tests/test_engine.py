@@ -103,7 +103,14 @@ def test_resume_after_kill_finishes_the_planned_epochs_in_the_same_run(cache, tm
     assert first.exists(), proc.stderr.read().decode()[-3000:]
     assert not (run_dir / "checkpoints" / "epoch0003.ckpt").exists(), "the run finished before it was killed"
     (killed,) = runs_of(uri)
-    assert killed.info.status == "RUNNING"  # kill -9 leaves no chance to close it: resume does
+    # kill -9 leaves no chance to close it; the next run opened in the experiment sees its process is gone.
+    assert killed.info.status == "RUNNING" and killed.data.tags["owner_pid"] == str(proc.pid)
+    from mlflow.tracking import MlflowClient
+    from x3d_exp.tracking import close_orphaned_runs
+
+    assert close_orphaned_runs(MlflowClient(uri), killed.info.experiment_id) == [killed.info.run_id]
+    (closed,) = runs_of(uri)
+    assert closed.info.status == "KILLED" and f"process {proc.pid}" in closed.data.tags["error"]
 
     done = run_cli(args + ["resume=auto"], cwd=tmp_path, cache=cache)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -112,6 +119,7 @@ def test_resume_after_kill_finishes_the_planned_epochs_in_the_same_run(cache, tm
     assert result["epochs"] == 3 and result["run_id"] == killed.info.run_id
     (run,) = runs_of(uri)
     assert run.info.status == "FINISHED" and run.data.tags.get("resumed") == "true"
+    assert "error" not in run.data.tags and run.data.tags["owner_pid"] != str(proc.pid)
     # Steps may repeat where the killed epoch is replayed, but the axis has no gap and reaches the planned end.
     assert sorted(set(metric_steps(uri, run.info.run_id, "train/loss"))) == list(range(1, 13))
     assert sorted(set(metric_steps(uri, run.info.run_id, "val/top1"))) == [4, 8, 12]
@@ -124,6 +132,24 @@ def test_resume_after_kill_finishes_the_planned_epochs_in_the_same_run(cache, tm
 
     state = ms.load_checkpoint(str(run_dir / "checkpoints" / "epoch0003.ckpt"))
     assert state["global_step"].asnumpy().item() == 12 and state["epoch"].asnumpy().item() == 3
+
+
+def test_only_runs_whose_process_is_gone_from_this_host_are_closed_killed(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from x3d_exp.tracking import close_orphaned_runs, experiment_id, open_run
+
+    client = MlflowClient(store_uri(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    experiment = experiment_id(client, "orphans")
+    orphan = client.create_run(experiment, tags={"owner_host": socket.gethostname(), "owner_pid": str(gone.pid)})
+    remote = client.create_run(experiment, tags={"owner_host": "another-host", "owner_pid": str(gone.pid)})
+    live = open_run(client, "orphans", "live", {})
+    assert client.get_run(orphan.info.run_id).info.status == "KILLED"
+    assert client.get_run(remote.info.run_id).info.status == "RUNNING"  # cannot be checked from here
+    assert client.get_run(live).info.status == "RUNNING"
+    assert client.get_run(live).data.tags["owner_pid"] == str(os.getpid())
+    assert close_orphaned_runs(client, experiment) == []
 
 
 def test_a_run_that_fails_is_marked_failed(cache, tmp_path):

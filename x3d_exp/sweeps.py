@@ -193,7 +193,7 @@ class MlflowSweepCallback(Callback):
         from mlflow.tracking import MlflowClient
 
         from x3d_exp.config import flatten
-        from x3d_exp.tracking import experiment_id, git_commit, log_params
+        from x3d_exp.tracking import git_commit, log_params, open_run
 
         base = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         self.name = str(OmegaConf.select(base, "sweep.name", default=None) or "multirun")
@@ -207,9 +207,8 @@ class MlflowSweepCallback(Callback):
         commit = git_commit()
         if commit:
             tags["git_commit"] = commit
-        run = self.client.create_run(experiment_id(self.client, str(config.mlflow.experiment_name)),
-                                     run_name=f"{self.name}: {overrides}"[:250], tags=tags)
-        self.parent = run.info.run_id
+        self.parent = open_run(self.client, str(config.mlflow.experiment_name), f"{self.name}: {overrides}"[:250],
+                               tags)
         self.base_params = {k: str(v) for k, v in flatten(base).items()}
         log_params(self.client, self.parent, self.base_params)
         (self.sweep_dir / PARENT_FILE).write_text(self.parent)

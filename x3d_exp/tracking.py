@@ -4,12 +4,17 @@ A run has one owner, the process that created it, which alone closes it FINISHED
 the run and hand its id to the process that trains through `ADOPT_ENV`: the msrun launcher to rank 0, the sweep
 job wrapper (x3d_exp.sweeps) to the task. The adopting Tracker logs into that run, marks it FAILED on an error and
 otherwise leaves closing it to the owner, which knows whether every other rank or step succeeded too.
+
+A process killed with SIGKILL (or the OOM killer) cannot close its run. Every run therefore carries its owner's
+host and pid, and whenever a run is opened in an experiment, RUNNING runs there whose owner on this host is gone
+are closed KILLED (`close_orphaned_runs`); a resume re-opens its own run afterwards.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -70,6 +75,49 @@ def experiment_id(client: MlflowClient, name: str) -> str:
         return experiment.experiment_id
 
 
+def owner_tags() -> dict:
+    return {"owner_host": socket.gethostname(), "owner_pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def close_orphaned_runs(client: MlflowClient, experiment: str) -> list:
+    """Close KILLED the experiment's RUNNING runs whose owner process on this host no longer exists.
+
+    Runs owned on other hosts are left alone: their processes cannot be checked from here. A reused pid keeps a
+    dead run RUNNING, the safe side of the error.
+    """
+    host = socket.gethostname()
+    runs = client.search_runs([experiment], max_results=1000,
+                              filter_string=f"attributes.status = 'RUNNING' and tags.owner_host = '{host}'")
+    closed = []
+    for run in runs:
+        pid = run.data.tags.get("owner_pid", "")
+        if pid.isdigit() and not _alive(int(pid)):
+            client.set_tag(run.info.run_id, "error", f"its process {pid} on {host} ended without closing it "
+                                                     f"(killed?)")
+            client.set_terminated(run.info.run_id, "KILLED")
+            log.warning("MLflow run %s was left RUNNING by process %s, which is gone: marked KILLED",
+                        run.info.run_id, pid)
+            closed.append(run.info.run_id)
+    return closed
+
+
+def open_run(client: MlflowClient, experiment_name: str, run_name: Optional[str], tags: dict) -> str:
+    """A new RUNNING run owned by this process, after closing the experiment's orphaned runs."""
+    experiment = experiment_id(client, experiment_name)
+    close_orphaned_runs(client, experiment)
+    return client.create_run(experiment, run_name=run_name, tags={**tags, **owner_tags()}).info.run_id
+
+
 def create_run(client: MlflowClient, cfg: DictConfig, run_dir: Path, tags: Optional[dict] = None,
                run_name: Optional[str] = None) -> str:
     """A RUNNING run with the standard tags, the flattened config as params and the `.hydra/` files."""
@@ -82,8 +130,7 @@ def create_run(client: MlflowClient, cfg: DictConfig, run_dir: Path, tags: Optio
     if commit:
         all_tags["git_commit"] = commit
     all_tags.update(tags or {})
-    run_id = client.create_run(experiment_id(client, cfg.mlflow.experiment_name),
-                               run_name=run_name or cfg.mlflow.run_name, tags=all_tags).info.run_id
+    run_id = open_run(client, cfg.mlflow.experiment_name, run_name or cfg.mlflow.run_name, all_tags)
     log_params(client, run_id, flatten(cfg))
     hydra_dir = _hydra_output_dir() / ".hydra"
     if hydra_dir.is_dir():
@@ -121,8 +168,13 @@ class Tracker:
         elif self.resume and id_file.is_file():
             # A resumed run continues its own MLflow run: same params, one continuous step axis.
             self.run_id = id_file.read_text().strip()
+            run = self.client.get_run(self.run_id)
+            close_orphaned_runs(self.client, run.info.experiment_id)
             self.client.update_run(self.run_id, status="RUNNING")
-            self.client.set_tag(self.run_id, "resumed", "true")
+            if "error" in self.client.get_run(self.run_id).data.tags:
+                self.client.delete_tag(self.run_id, "error")  # the interruption it recorded is being repaired
+            for key, value in {**owner_tags(), "resumed": "true"}.items():
+                self.client.set_tag(self.run_id, key, value)
             return self
         else:
             self.run_id = create_run(self.client, self.cfg, self.run_dir)
