@@ -31,7 +31,8 @@ def cache(tmp_path_factory):
 def trained(tmp_path_factory, cache):
     """One finished 2-epoch training run, shared by the tests that inspect what it left behind."""
     work = tmp_path_factory.mktemp("train")
-    done = run_cli(TINY + ["trainer.epochs=2", "schedule.warmup_epochs=1", f"hydra.run.dir={work / 'run'}", f"mlflow.tracking_uri={store_uri(work)}"],
+    done = run_cli(TINY + ["trainer.epochs=2", "schedule.warmup_epochs=1", "trainer.precise_bn_batches=2",
+                           f"hydra.run.dir={work / 'run'}", f"mlflow.tracking_uri={store_uri(work)}"],
                    cwd=work, cache=cache)
     assert done.returncode == 0, done.stderr[-3000:]
     return work, final_json(done.stdout), done
@@ -44,6 +45,7 @@ def test_train_run_is_finished_with_params_metrics_and_artifacts(trained):
         assert key in result
     assert result["task"] == "train" and result["epochs"] == 2 and result["model"] == "x3d_xs"
     assert "mlflow ui --backend-store-uri sqlite:///" in done.stdout
+    assert (done.stdout + done.stderr).count("BN statistics from 2 training batches") == 2  # once per epoch
     uri = store_uri(work)
     (run,) = runs_of(uri)
     assert run.info.run_id == result["run_id"] and run.info.status == "FINISHED"
@@ -262,6 +264,37 @@ def test_optimizer_has_no_weight_decay_on_bn_and_biases():
     decay = dict(zip([p.name for p in optimizer.parameters], optimizer.decay_flags))
     assert decay and all(not decay[n] for n in decay if n.endswith(("gamma", "beta", "bias")))
     assert all(decay[n] for n in decay if n.endswith("weight"))
+
+
+@pytest.mark.parametrize("impl", ["native", "custom"])
+def test_precise_bn_sets_the_mean_of_the_batch_statistics(impl):
+    import mindspore as ms
+    from mindspore import dataset as ds
+    from mindspore import nn
+
+    from x3d_exp.engine import precise_batchnorm_statistics
+    from x3d_exp.models.x3d import _bn
+
+    rng = np.random.default_rng(0)
+    scale, shift = np.array([1, 2, 3]).reshape(3, 1, 1, 1), np.array([0, 5, -1]).reshape(3, 1, 1, 1)
+    clips = (rng.normal(size=(24, 3, 2, 5, 5)) * scale + shift).astype(np.float32)
+
+    class Batches:  # what precise BN reads of a Loader
+        dataset = ds.NumpySlicesDataset({"clip": clips}, shuffle=False).batch(6)
+
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        bn = _bn(3, impl=impl)
+        # What the running averages held before must not matter.
+        bn.bn2d.moving_mean.set_data(ms.Tensor(np.full(3, 7.0, np.float32)))
+        assert precise_batchnorm_statistics(nn.SequentialCell([bn]), Batches, num_batches=3) == 3
+    finally:
+        ms.set_context(mode=previous)
+    # The first three batches of 6, per channel over batch, time and space; unbiased variance, as BN keeps it.
+    per_batch = clips[:18].reshape(3, 6, 3, -1).transpose(0, 2, 1, 3).reshape(3, 3, -1)
+    np.testing.assert_allclose(bn.bn2d.moving_mean.asnumpy(), per_batch.mean(-1).mean(0), atol=1e-5)
+    np.testing.assert_allclose(bn.bn2d.moving_variance.asnumpy(), per_batch.var(-1, ddof=1).mean(0), rtol=1e-5)
 
 
 def test_video_metrics_average_softmax_over_views():

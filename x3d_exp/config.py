@@ -82,6 +82,9 @@ class TrainerConfig:
     ckpt_every: int = 1
     keep_last: int = 2
     log_every: int = 10
+    # PySlowFast's precise BN: batches whose statistics replace the BN running averages before each validation
+    # and checkpoint (0: keep the running averages).
+    precise_bn_batches: int = 0
     graph_mode: bool = True
     progress: str = "auto"
 
@@ -164,6 +167,8 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.trainer.epochs >= 1, "trainer.epochs", "must be >= 1", cfg.trainer.epochs)
     for name in ("eval_every", "ckpt_every", "keep_last", "log_every"):
         _require(cfg.trainer[name] >= 1, f"trainer.{name}", "must be >= 1", cfg.trainer[name])
+    _require(cfg.trainer.precise_bn_batches >= 0, "trainer.precise_bn_batches", "must be >= 0",
+             cfg.trainer.precise_bn_batches)
     _require(cfg.launcher.nproc >= 1, "launcher.nproc", "must be >= 1", cfg.launcher.nproc)
 
 

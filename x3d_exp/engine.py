@@ -160,6 +160,40 @@ def evaluate(network: nn.Cell, loader, num_classes: int, cfg: DictConfig, desc: 
     return video_metrics(*scores, num_classes)
 
 
+def precise_batchnorm_statistics(network: nn.Cell, loader, num_batches: int) -> int:
+    """PySlowFast's precise BN: set every BN's running mean and variance to the plain average of the statistics of
+    up to `num_batches` training batches under the current weights; returns the number of batches used.
+
+    The running averages trail the weights by many steps, which shows in the evaluation while the lr is high. The
+    BN ops expose only their running averages, so each batch's own statistics are recovered from consecutive values,
+    running_i = m * running_(i-1) + (1 - m) * batch_i, m being the BN momentum.
+    """
+    from x3d_exp.models.x3d import BN_MOMENTUM
+
+    params = [p for _, p in sorted(network.parameters_and_names())
+              if p.name.endswith(("moving_mean", "moving_variance"))]
+    if not params or num_batches < 1:
+        return 0
+    network.set_train(True)
+    previous = [p.asnumpy().astype(np.float64) for p in params]
+    sums = [np.zeros_like(v) for v in previous]
+    used = 0
+    for batch in loader.dataset.create_dict_iterator(num_epochs=1, output_numpy=True):
+        if used == num_batches:
+            break
+        network(ms.Tensor(batch["clip"]))
+        current = [p.asnumpy().astype(np.float64) for p in params]
+        for total, now, before in zip(sums, current, previous):
+            total += (now - BN_MOMENTUM * before) / (1 - BN_MOMENTUM)
+        previous = current
+        used += 1
+    if used == 0:
+        return 0
+    for param, total in zip(params, sums):
+        param.set_data(ms.Tensor((total / used).astype(np.float32)))
+    return used
+
+
 # ---------------------------------------------------------------- checkpoints and resume
 
 EPOCH_CKPT = re.compile(r"^epoch(\d+)\.ckpt$")
@@ -243,9 +277,10 @@ class TrainMonitor(Callback):
 
     def __init__(self, tracker, network: nn.Cell, val_loader, train_dir: Path, cfg: DictConfig,
                  rates: List[float], steps_per_epoch: int, loaders, start: Optional[dict] = None,
-                 dist: Dist = SINGLE):
+                 dist: Dist = SINGLE, bn_loader=None):
         super().__init__()
         self.dist = dist
+        self.bn_loader = bn_loader
         self.best_weights: Optional[Dict[str, np.ndarray]] = None
         self.tracker = tracker
         self.network = network
@@ -303,9 +338,16 @@ class TrainMonitor(Callback):
         record = {"epoch": epoch, "step": step, "train_loss": float(np.mean(self._epoch_loss))}
         metrics = {"train/epoch_loss": record["train_loss"], "epoch": epoch}
         improved = False
+        last = epoch == self.cfg.trainer.epochs
+        evaluating = epoch % self.cfg.trainer.eval_every == 0 or last
+        saving = epoch % self.cfg.trainer.ckpt_every == 0 or last
+        if self.bn_loader is not None and (evaluating or saving):
+            self.bn_loader.set_epoch(epoch)
+            used = precise_batchnorm_statistics(self.network, self.bn_loader, self.cfg.trainer.precise_bn_batches)
+            log.info("epoch %d: BN statistics from %d training batches", epoch, used)
         # Before validating or saving, so the checkpoint holds the statistics the ranks evaluated with.
         average_batchnorm_statistics(self.network, self.dist)
-        if epoch % self.cfg.trainer.eval_every == 0 or epoch == self.cfg.trainer.epochs:
+        if evaluating:
             val = evaluate(self.network, self.val_loader, int(self.cfg.data.num_classes), self.cfg, "val", self.dist)
             self.network.set_train(True)
             record.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
@@ -327,7 +369,7 @@ class TrainMonitor(Callback):
         train_network = args.train_network
         if improved:
             self.best_path = save_checkpoint_atomic(train_network, self.ckpt_dir / "best.ckpt", state)
-        if epoch % self.cfg.trainer.ckpt_every == 0 or epoch == self.cfg.trainer.epochs:
+        if saving:
             # The history is written before the checkpoint that it goes with, so any complete checkpoint has one.
             _write_atomic(self.history_path, json.dumps(self.history, indent=1))
             self.last_paths.append(save_checkpoint_atomic(train_network, self.ckpt_dir / f"epoch{epoch:04d}.ckpt",
@@ -467,8 +509,11 @@ def task_train(cfg: DictConfig) -> dict:
             raise UserError(f"resume={cfg.resume}: {resume_from} is already at epoch {first_epoch} of "
                              f"trainer.epochs={cfg.trainer.epochs}")
         train.set_epoch(first_epoch)
+        # Its own pipeline: the training one is mid-iteration inside Model.train when the statistics are taken.
+        bn_loader = (_loaders(cfg, network.spec, train_dir, ("train",), dist)["train"]
+                     if cfg.trainer.precise_bn_batches else None)
         monitor = TrainMonitor(tracker, network, loaders["val"], train_dir, cfg, rates, train.steps_per_epoch,
-                               list(loaders.values()), start, dist)
+                               list(loaders.values()), start, dist, bn_loader)
         model.train(int(cfg.trainer.epochs), train.dataset, callbacks=[monitor], dataset_sink_mode=False,
                     initial_epoch=first_epoch)
         check_replicas(model.train_network, dist, train_dir)
