@@ -42,7 +42,8 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache):
     work = tmp_path_factory.mktemp("dist")
-    done = run_cli(distributed(work), cwd=work, cache=cache)
+    # Precise BN on too: each rank takes its shard's statistics, then the ranks average them.
+    done = run_cli(distributed(work, "trainer.precise_bn_batches=2"), cwd=work, cache=cache)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return work, final_json(done.stdout)
 
@@ -56,6 +57,7 @@ def test_both_ranks_end_with_identical_parameters(trained):
     logs = work / "run" / "msrun_logs"
     assert {p.name for p in logs.iterdir()} >= {"scheduler.log", "worker_0.log", "worker_1.log"}
     assert "rank 1 of 2 joined (mccl)" in (logs / "worker_1.log").read_text()
+    assert "BN statistics from 2 training batches" in (logs / "worker_1.log").read_text()
 
 
 def test_one_finished_mlflow_run_with_world_size_2_and_rank_0_files_only(trained):
