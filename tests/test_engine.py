@@ -136,6 +136,31 @@ def test_resume_after_kill_finishes_the_planned_epochs_in_the_same_run(cache, tm
     assert state["global_step"].asnumpy().item() == 12 and state["epoch"].asnumpy().item() == 3
 
 
+def test_resume_auto_in_a_new_run_dir_names_the_newest_unfinished_run(tmp_path, capsys):
+    from x3d_exp.engine import resolve_resume
+
+    day = tmp_path / "outputs" / "2026-11-26"
+
+    def run_dir(name, saved, planned, mtime):
+        run = day / name
+        (run / ".hydra").mkdir(parents=True)
+        (run / "checkpoints").mkdir()
+        (run / ".hydra" / "config.yaml").write_text(f"trainer:\n  epochs: {planned}\n")
+        ckpt = run / "checkpoints" / f"epoch{saved:04d}.ckpt"
+        ckpt.write_bytes(b"")
+        os.utime(ckpt, (mtime, mtime))
+        return run
+
+    older = run_dir("05-00-00", 3, 20, 1000)
+    finished = run_dir("05-10-00", 20, 20, 3000)
+    newer = run_dir("05-20-00", 7, 20, 2000)
+    fresh = day / "05-30-00"
+    assert resolve_resume("auto", fresh) == (fresh, None)
+    said = capsys.readouterr().out
+    assert "starting from scratch" in said and f"resume={newer} " in said and "epoch 7 of 20" in said
+    assert str(older) not in said and str(finished) not in said
+
+
 def test_only_runs_whose_process_is_gone_from_this_host_are_closed_killed(tmp_path):
     from mlflow.tracking import MlflowClient
     from x3d_exp.tracking import close_orphaned_runs, experiment_id, open_run

@@ -218,6 +218,27 @@ def epoch_checkpoints(ckpt_dir: Path) -> List[Path]:
     return [p for _, p in sorted(found)]
 
 
+def newest_unfinished_run(outputs: Path, exclude: Path) -> Optional[Tuple[Path, int, int]]:
+    """(run dir, last saved epoch, planned epochs) of the most recently checkpointed run in Hydra's default layout
+    `outputs/<date>/<time>/` whose checkpoints stop short of its trainer.epochs; None if there is none."""
+    from omegaconf import OmegaConf
+
+    candidates = []
+    for ckpt_dir in outputs.glob("*/*/checkpoints"):
+        run = ckpt_dir.parent
+        found = epoch_checkpoints(ckpt_dir)
+        if run.resolve() == exclude.resolve() or not found:
+            continue
+        try:
+            planned = int(OmegaConf.load(run / ".hydra" / "config.yaml").trainer.epochs)
+        except Exception:  # not a run of ours, or its config is unreadable: not a candidate
+            continue
+        last = int(EPOCH_CKPT.match(found[-1].name).group(1))
+        if last < planned:
+            candidates.append((found[-1].stat().st_mtime, run, last, planned))
+    return max(candidates, key=lambda c: c[0])[1:] if candidates else None
+
+
 def resolve_resume(setting, run_dir: Path):
     """(directory the run writes to, checkpoint to resume from or None) for `resume=false|auto|PATH`.
 
@@ -228,7 +249,12 @@ def resolve_resume(setting, run_dir: Path):
     if setting == "auto":
         found = epoch_checkpoints(run_dir / "checkpoints")
         if not found:
-            log.info("resume=auto: no checkpoint in %s, starting from scratch", run_dir / "checkpoints")
+            hint = ""
+            unfinished = newest_unfinished_run(run_dir.parent.parent, exclude=run_dir)
+            if unfinished:
+                hint = (f"; the newest unfinished run next to it is {unfinished[0]} (epoch {unfinished[1]} of "
+                        f"{unfinished[2]}): resume={unfinished[0]} continues that one")
+            print(f"resume=auto: no checkpoint in {run_dir / 'checkpoints'}, starting from scratch{hint}")
             return run_dir, None
         return run_dir, found[-1]
     path = Path(str(setting)).expanduser()
