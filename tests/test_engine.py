@@ -211,6 +211,7 @@ def test_an_interrupted_run_is_marked_failed(cache, tmp_path):
     (["model.gamma_d=abc"], "model.gamma_d"),
     (["model.gamma_d=-1"], "model.gamma_d"),
     (["model.no_such_key=1"], "model.no_such_key"),
+    (["optim.clip_grad_norm=0"], "optim.clip_grad_norm"),
     (["data=k400"], "data.root"),
     (["data=k400", "data.root=/no/such/k400"], "/no/such/k400"),
 ])
@@ -320,6 +321,45 @@ def test_precise_bn_sets_the_mean_of_the_batch_statistics(impl):
     per_batch = clips[:18].reshape(3, 6, 3, -1).transpose(0, 2, 1, 3).reshape(3, 3, -1)
     np.testing.assert_allclose(bn.bn2d.moving_mean.asnumpy(), per_batch.mean(-1).mean(0), atol=1e-5)
     np.testing.assert_allclose(bn.bn2d.moving_variance.asnumpy(), per_batch.var(-1, ddof=1).mean(0), rtol=1e-5)
+
+
+def test_clipped_step_scales_the_update_to_the_norm_bound_and_keeps_checkpoint_names():
+    import mindspore as ms
+    from mindspore import nn
+    from mindspore.train import Model
+
+    from x3d_exp.engine import ClippedTrainStep
+
+    rng = np.random.default_rng(0)
+    x = ms.Tensor(rng.normal(size=(8, 16)).astype(np.float32) * 10)
+    y = ms.Tensor(rng.integers(0, 4, 8).astype(np.int32))
+    loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    try:
+        moved = {}
+        for max_norm in (None, 0.01):
+            ms.set_seed(0)
+            net = nn.Dense(16, 4)
+            before = [p.asnumpy().copy() for p in net.trainable_params()]
+            optimizer = nn.SGD(net.trainable_params(), learning_rate=0.1)
+            step = (ClippedTrainStep(nn.WithLossCell(net, loss_fn), optimizer, max_norm) if max_norm
+                    else nn.TrainOneStepCell(nn.WithLossCell(net, loss_fn), optimizer))
+            step(x, y)
+            moved[max_norm] = np.sqrt(sum(((p.asnumpy() - b) ** 2).sum()
+                                          for p, b in zip(net.trainable_params(), before)))
+        names = {}
+        for clipped in (False, True):
+            net = nn.Dense(16, 4)
+            optimizer = nn.SGD(net.trainable_params(), learning_rate=0.1, momentum=0.9)
+            model = (Model(ClippedTrainStep(nn.WithLossCell(net, loss_fn), optimizer, 1.0)) if clipped
+                     else Model(net, loss_fn, optimizer))
+            names[clipped] = sorted(p.name for p in model.train_network.get_parameters())
+    finally:
+        ms.set_context(mode=previous)
+    # Unclipped, the update's norm is lr x |g| (well above 0.001 here); clipped, exactly lr x max_norm.
+    assert moved[None] > 0.01 and moved[0.01] == pytest.approx(0.1 * 0.01, rel=1e-3)
+    assert names[True] == names[False] and any(n.startswith("accum.") for n in names[True])
 
 
 def test_video_metrics_average_softmax_over_views():

@@ -50,6 +50,8 @@ class OptimConfig:
     # Linear scaling: lr * (global batch / base_batch_size).
     scale_lr: bool = False
     base_batch_size: int = 256
+    # Clip the gradients' global L2 norm to this (after the data-parallel mean); null: no clipping.
+    clip_grad_norm: Optional[float] = None
 
 
 @dataclass
@@ -151,6 +153,10 @@ def validate(cfg: DictConfig) -> None:
              "must be auto, native or custom", cfg.model.cpu_kernels)
     _require(cfg.optim.lr > 0, "optim.lr", "must be > 0", cfg.optim.lr)
     _require(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0", cfg.optim.weight_decay)
+    _require(cfg.optim.clip_grad_norm is None or cfg.optim.clip_grad_norm > 0, "optim.clip_grad_norm",
+             "must be > 0 (or null: no clipping)", cfg.optim.clip_grad_norm)
+    _require(cfg.optim.clip_grad_norm is None or cfg.amp_level in ("O0", "auto"), "optim.clip_grad_norm",
+             "is not combined with amp_level O1-O3 (loss-scaled gradients) yet", cfg.optim.clip_grad_norm)
     _require(cfg.optim.name in ("sgd", "adamw"), "optim.name", "must be sgd or adamw", cfg.optim.name)
     _require(cfg.schedule.name in ("cosine_warmup", "multistep"), "schedule.name",
              "must be cosine_warmup or multistep", cfg.schedule.name)

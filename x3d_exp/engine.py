@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import mindspore as ms
-from mindspore import nn
+from mindspore import nn, ops
 from mindspore.train import Callback, Model
 from omegaconf import DictConfig
 
@@ -84,6 +84,20 @@ def lr_per_step(cfg: DictConfig, steps_per_epoch: int, base_lr: float) -> List[f
             passed = sum(1 for m in sched.milestones if step >= m * steps_per_epoch)
             rates.append(base_lr * sched.gamma ** passed)
     return rates
+
+
+class ClippedTrainStep(nn.TrainOneStepCell):
+    """One optimizer step on gradients whose global L2 norm is clipped to `max_norm` (after the data-parallel
+    mean). Parameter names are those of the cell Model builds itself, so checkpoints are interchangeable."""
+
+    def __init__(self, network_with_loss: nn.Cell, optimizer: nn.Optimizer, max_norm: float):
+        super().__init__(network_with_loss, optimizer)
+        self.max_norm = float(max_norm)
+
+    def construct(self, *inputs):
+        loss = self.network(*inputs)
+        grads = self.grad_reducer(self.grad_no_sens(self.network, self.weights)(*inputs))
+        return ops.depend(loss, self.optimizer(ops.clip_by_global_norm(grads, self.max_norm)))
 
 
 def build_optimizer(cfg: DictConfig, network: nn.Cell, steps_per_epoch: int, world_size: int = 1):
@@ -525,7 +539,10 @@ def task_train(cfg: DictConfig) -> dict:
         loss_fn = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
         amp_level = _amp_level(cfg, device)
         scale = ms.amp.DynamicLossScaleManager() if amp_level in ("O2", "O3") else None
-        model = Model(network, loss_fn, optimizer, amp_level=amp_level, loss_scale_manager=scale)
+        if cfg.optim.clip_grad_norm:
+            model = Model(ClippedTrainStep(nn.WithLossCell(network, loss_fn), optimizer, cfg.optim.clip_grad_norm))
+        else:
+            model = Model(network, loss_fn, optimizer, amp_level=amp_level, loss_scale_manager=scale)
         start = None
         if resume_from is not None:
             start = restore_training_state(model.train_network, resume_from)
