@@ -50,7 +50,7 @@ def test_train_run_is_finished_with_params_metrics_and_artifacts(trained):
     (run,) = runs_of(uri)
     assert run.info.run_id == result["run_id"] and run.info.status == "FINISHED"
     params = run.data.params
-    assert params["model.gamma_w"] == "1.0" and params["optim.lr"] == "0.03" and params["data.batch_size"] == "4"
+    assert params["model.gamma_w"] == "1.0" and params["optim.lr"] == "0.05" and params["data.batch_size"] == "4"
     assert int(params["model_params"]) == result["params"] and float(params["model_gmacs"]) > 0
     assert run.data.tags["task"] == "train" and "data.batch_size=4" in run.data.tags["hydra_overrides"]
     # 16 training videos in batches of 4, logged every step: one loss per step over both epochs.
@@ -73,9 +73,9 @@ def test_learning_rate_follows_warmup_then_cosine(trained):
     rates = [m.value for m in sorted(MlflowClient(store_uri(work)).get_metric_history(result["run_id"], "train/lr"),
                                      key=lambda m: m.step)]
     # One warmup epoch (4 steps) from lr/10 up to lr, then a falling half-cosine.
-    assert rates[0] == pytest.approx(0.003)
-    assert rates[:5] == sorted(rates[:5]) and rates[4] == pytest.approx(0.03)
-    assert rates[4:] == sorted(rates[4:], reverse=True) and rates[-1] < 0.03
+    assert rates[0] == pytest.approx(0.005)
+    assert rates[:5] == sorted(rates[:5]) and rates[4] == pytest.approx(0.05)
+    assert rates[4:] == sorted(rates[4:], reverse=True) and rates[-1] < 0.05
 
 
 def test_test_task_on_the_best_checkpoint_reproduces_the_final_test(trained, cache, tmp_path):
