@@ -81,6 +81,12 @@ def join(device: str) -> Dist:
     return dist
 
 
+def batchnorm_statistics(network) -> list:
+    """Every BN running mean and variance of `network`, in a fixed (name) order."""
+    return [p for _, p in sorted(network.parameters_and_names())
+            if p.name.endswith(("moving_mean", "moving_variance"))]
+
+
 def average_batchnorm_statistics(network, dist: Dist) -> None:
     """Make every rank's BN moving mean and variance the mean over ranks (one all-reduce for all layers).
 
@@ -92,8 +98,7 @@ def average_batchnorm_statistics(network, dist: Dist) -> None:
         return
     import mindspore as ms
 
-    params = [p for _, p in sorted(network.parameters_and_names())
-              if p.name.endswith(("moving_mean", "moving_variance"))]
+    params = batchnorm_statistics(network)
     if not params:
         return
     values = [p.asnumpy() for p in params]

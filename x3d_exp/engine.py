@@ -21,7 +21,8 @@ from mindspore import nn, ops
 from mindspore.train import Callback, Model
 from omegaconf import DictConfig
 
-from x3d_exp.distributed import SINGLE, Dist, average_batchnorm_statistics, check_replicas, merge_video_scores
+from x3d_exp.distributed import (SINGLE, Dist, average_batchnorm_statistics, batchnorm_statistics, check_replicas,
+                                 merge_video_scores)
 from x3d_exp.tasks import UserError
 
 log = logging.getLogger("x3d_exp.engine")
@@ -184,8 +185,7 @@ def precise_batchnorm_statistics(network: nn.Cell, loader, num_batches: int) -> 
     """
     from x3d_exp.models.x3d import BN_MOMENTUM
 
-    params = [p for _, p in sorted(network.parameters_and_names())
-              if p.name.endswith(("moving_mean", "moving_variance"))]
+    params = batchnorm_statistics(network)
     if not params or num_batches < 1:
         return 0
     network.set_train(True)
