@@ -65,3 +65,14 @@ def artifact_paths(uri: str, run_id: str, path: Optional[str] = None) -> List[st
     for info in client.list_artifacts(run_id, path):
         out.extend(artifact_paths(uri, run_id, info.path) if info.is_dir else [info.path])
     return out
+
+
+def compose_config(*overrides: str, return_hydra_config: bool = False):
+    """The run's config as run.py composes it from conf/ (with the schema registered), for tests that need no CLI."""
+    from hydra import compose, initialize_config_dir
+
+    from x3d_exp.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf"), job_name="test"):
+        return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)

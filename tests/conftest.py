@@ -1,12 +1,39 @@
-"""Shared test set-up: the same process hygiene as run.py, before MindSpore is imported."""
+"""Shared test set-up: run.py's process hygiene before MindSpore loads, and the fixtures several files use."""
 
 import sys
 from pathlib import Path
 
-from x3d_exp.launch import prepare_process
+import pytest
+
+from x3d_exp.env import prepare_process
 
 prepare_process()
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from tests.cli_helpers import TINY, compose_config, final_json, run_cli, store_uri  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """One data and kernel cache for the session's CLI runs, so the synthetic set is rendered once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def cfg_tiny():
+    """The default config with the tiny settings of the CLI tests (tests.cli_helpers.TINY), composed by Hydra."""
+    return compose_config(*TINY)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, cache):
+    """One finished 2-epoch training run through the real CLI, shared by the tests that inspect what it left."""
+    work = tmp_path_factory.mktemp("train")
+    done = run_cli(TINY + ["trainer.epochs=2", "schedule.warmup_epochs=1", "trainer.precise_bn_batches=2",
+                           f"hydra.run.dir={work / 'run'}", f"mlflow.tracking_uri={store_uri(work)}"],
+                   cwd=work, cache=cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return work, final_json(done.stdout), done

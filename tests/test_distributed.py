@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from tests.cli_helpers import REPO, TINY, cli_env, final_json, run_cli, runs_of, store_uri
-from x3d_exp.msrun import STOP_GRACE_S
+from x3d_exp.distributed.msrun import STOP_GRACE_S
 
 pytestmark = pytest.mark.slow
 
@@ -29,14 +29,6 @@ def distributed(work: Path, *extra: str) -> list:
     return TINY + ["launcher=distributed_cpu", "launcher.nproc=2", f"launcher.master_port={free_port()}",
                    "trainer.epochs=1", f"hydra.run.dir={work / 'run'}", f"mlflow.tracking_uri={store_uri(work)}",
                    *extra]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    # One data and kernel cache for both scale test modules.
-    path = tmp_path_factory.getbasetemp() / "scale_cache"
-    path.mkdir(exist_ok=True)
-    return path
 
 
 @pytest.fixture(scope="module")

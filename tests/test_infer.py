@@ -15,10 +15,10 @@ import pytest
 from tests.data_helpers.layouts import data_cfg
 from x3d_exp.data import ensure_synthetic, load_video_views
 from x3d_exp.data.synthetic import CLASSES, render
-from x3d_exp.infer import read_labels
+from x3d_exp.tasks.infer import read_labels
 from x3d_exp.kernels import resolve_cpu_kernels
 from x3d_exp.models import build_model
-from x3d_exp.tasks import UserError
+from x3d_exp.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["down", "sideways", "up", "still"]
@@ -71,7 +71,7 @@ def run_infer(root: Path, run_name: str, *overrides: str) -> subprocess.Complete
 
 
 def expected_probs(ckpt: Path, video: Path) -> tuple:
-    """Mean over views of the softmax, computed here independently of x3d_exp.infer; and the per-view softmax."""
+    """Mean over views of the softmax, computed here independently of x3d_exp.tasks.infer; and the per-view softmax."""
     network = build_network()
     ms.load_param_into_net(network, ms.load_checkpoint(str(ckpt)), strict_load=True)
     network.set_train(False)

@@ -16,6 +16,7 @@ from mindspore import ops as P
 from x3d_exp import kernels
 from x3d_exp.kernels import build, ops
 from x3d_exp.kernels.build import KernelBuildError
+from x3d_exp.models.x3d import channelwise_conv3d
 
 FORWARD_RTOL = 1e-5
 GRAD_RTOL = 1e-4
@@ -124,7 +125,7 @@ def test_train_one_step_cell_in_graph_mode(graph_mode):
 
 
 def test_cell_looks_like_conv3d_to_the_model_code():
-    cell = kernels.build_channelwise_conv3d(6, (3, 3, 3), (1, 2, 2), (1, 1, 1), "custom")
+    cell = channelwise_conv3d(6, (3, 3, 3), (1, 2, 2), (1, 1, 1), impl="custom")
     assert cell.counts_as_conv and cell.group == 6
     assert cell.stride == (1, 2, 2) and cell.padding == (1, 1, 1, 1, 1, 1)
     assert cell.weight.shape == (6, 1, 3, 3, 3) and cell.weight.name == "weight"
@@ -291,7 +292,7 @@ def test_fused_inference_network_matches_eval_mode(graph_mode):
 
 
 def test_fused_conv_refuses_combinations_without_a_kernel():
-    conv = kernels.build_channelwise_conv3d(4, (3, 3, 3), (1, 1, 1), (1, 1, 1), "custom")
+    conv = channelwise_conv3d(4, (3, 3, 3), (1, 1, 1), (1, 1, 1), impl="custom")
     with pytest.raises(ValueError, match="no fused kernel"):
         ops.FusedChannelwiseConv3d(conv, np.ones((4, 4)), "swish", None)
 

@@ -6,26 +6,15 @@ import math
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from tests.cli_helpers import REPO, TINY, artifact_paths, metric_steps, run_cli, store_uri
-from x3d_exp.config import register_configs
+from tests.cli_helpers import TINY, artifact_paths, compose_config, metric_steps, run_cli, store_uri
+from x3d_exp.config import FACTORS
 from x3d_exp.models import VARIANTS, X3DSpec
-from x3d_exp.sweeps import FACTORS
 
-register_configs()
 
 # X3D-XS's factors as the model defines them, in the sweep's axis order.
 XS = {k: float(getattr(X3DSpec(**VARIANTS["x3d_xs"]), k)) for k in FACTORS}
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    # One data and kernel cache for both scale test modules.
-    path = tmp_path_factory.getbasetemp() / "scale_cache"
-    path.mkdir(exist_ok=True)
-    return path
 
 
 def multirun(work, cache, *args):
@@ -126,8 +115,7 @@ def test_parallel_joblib_sweep_records_every_job(tmp_path, cache):
 
 
 def _compose(*overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf"), job_name="compose"):
-        return compose("config", overrides=list(overrides), return_hydra_config=True)
+    return compose_config(*overrides, return_hydra_config=True)
 
 
 def test_every_expansion_step_doubles_exactly_one_factor_of_x3d_xs():

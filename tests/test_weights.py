@@ -24,9 +24,12 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
-from x3d_exp.tasks import UserError, model_kwargs  # noqa: E402
+from tests.cli_helpers import compose_config  # noqa: E402
+from x3d_exp.config import model_kwargs  # noqa: E402
+from x3d_exp.errors import UserError  # noqa: E402
+from x3d_exp.tasks.model import task_convert, task_export  # noqa: E402
 from x3d_exp.weights import (UnsafeCheckpointError, WeightsError, export_model, load_pretrained,  # noqa: E402
-                             load_torch_checkpoint, task_convert, task_export, verify_export)
+                             load_torch_checkpoint, verify_export)
 
 REPO = Path(__file__).resolve().parents[1]
 # shared/ lies beside the repository (in CI beside its clone).
@@ -36,13 +39,7 @@ BN_EPS = 1e-5
 
 
 def compose(*overrides, **sections):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from x3d_exp.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    cfg = compose_config(*overrides)
     # Set through open_dict so this works whether or not the config declares these keys.
     with open_dict(cfg):
         for section, values in sections.items():

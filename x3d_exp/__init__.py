@@ -1,7 +1,7 @@
 """x3d-exp: X3D video recognition experiments on MindSpore, composed with Hydra.
 
 Importing the package does not import MindSpore: `run.py` must set CPU
-environment variables (see x3d_exp.launch) before MindSpore loads.
+environment variables (see x3d_exp.env) before MindSpore loads.
 """
 
 __version__ = "0.1.0"

@@ -7,27 +7,32 @@ fails naming the key); ranges are checked by `validate`, right after composition
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from x3d_exp.data.config import DataConfig
+from x3d_exp.env import cache_root
+from x3d_exp.errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A user error in the composed config; the message names the key."""
+# X3D's six expansion factors: frames, frame rate, resolution, width, bottleneck, depth.
+FACTORS = ("gamma_t", "gamma_tau", "gamma_s", "gamma_w", "gamma_b", "gamma_d")
+# Sizes a model group may pin; null derives them from the factors (x3d_exp.models.x3d.X3DSpec).
+CLIP_SIZES = ("num_frames", "sampling_rate", "crop_size", "test_crop_size", "train_scale")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "x3d_xs"
-    gamma_t: float = 4.0
-    gamma_tau: float = 12.0
-    gamma_s: float = 1.4142135623730951
-    gamma_w: float = 1.0
-    gamma_b: float = 2.25
-    gamma_d: float = 2.2
+    # The values come from the model group (conf/model/*.yaml, equal to x3d_exp.models.VARIANTS by a test).
+    name: str = MISSING
+    gamma_t: float = MISSING
+    gamma_tau: float = MISSING
+    gamma_s: float = MISSING
+    gamma_w: float = MISSING
+    gamma_b: float = MISSING
+    gamma_d: float = MISSING
     # Derived from the factors when null.
     num_frames: Optional[int] = None
     sampling_rate: Optional[int] = None
@@ -126,9 +131,30 @@ DEVICES = ("auto", "CPU", "GPU", "Ascend")
 AMP_LEVELS = ("O0", "O1", "O2", "O3", "auto")
 
 
+@dataclass(frozen=True)
+class JobContext:
+    """What Hydra knows about the running job, read once by the CLI (x3d_exp.cli) and passed down as plain values."""
+
+    output_dir: Path = Path(".")
+    task_overrides: Tuple[str, ...] = ()
+    hydra_overrides: Tuple[str, ...] = ()
+    config_name: str = "config"
+    # Config directories given on the command line (--config-dir), which msrun's ranks must see too.
+    config_dirs: Tuple[str, ...] = ()
+    multirun: bool = False
+    job_num: int = 0
+    sweep_dir: Optional[Path] = None
+
+
 def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="schema", node=Config)
+
+
+# ${x3d_cache:synthetic}: a folder under the cache root the code uses too (x3d_exp.env.cache_root). Registered on
+# import, so any process that reads our config (a Slurm job unpickling it, a test) can resolve it.
+if not OmegaConf.has_resolver("x3d_cache"):
+    OmegaConf.register_new_resolver("x3d_cache", lambda name: str(cache_root() / str(name)))
 
 
 def _require(condition: bool, key: str, message: str, value: Any) -> None:
@@ -141,7 +167,7 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.task in TASKS, "task", f"must be one of {', '.join(TASKS)}", cfg.task)
     _require(cfg.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}", cfg.device)
     _require(cfg.amp_level in AMP_LEVELS, "amp_level", f"must be one of {', '.join(AMP_LEVELS)}", cfg.amp_level)
-    for name in ("gamma_t", "gamma_tau", "gamma_s", "gamma_w", "gamma_b", "gamma_d"):
+    for name in FACTORS:
         value = cfg.model[name]
         _require(value > 0, f"model.{name}", "must be > 0", value)
     for name in ("num_frames", "sampling_rate", "crop_size", "test_crop_size"):
@@ -176,6 +202,25 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.trainer.precise_bn_batches >= 0, "trainer.precise_bn_batches", "must be >= 0",
              cfg.trainer.precise_bn_batches)
     _require(cfg.launcher.nproc >= 1, "launcher.nproc", "must be >= 1", cfg.launcher.nproc)
+    _require(cfg.task != "test" or bool(cfg.ckpt), "ckpt", "task=test needs ckpt=PATH (a .ckpt written by "
+             "task=train or task=convert)", cfg.ckpt)
+
+
+def model_kwargs(cfg: DictConfig) -> dict:
+    """The model group as `build_model` keyword arguments (data-independent); null sizes are left to derive."""
+    kwargs = {k: cfg.model[k] for k in (*FACTORS, *CLIP_SIZES, "dropout") if cfg.model[k] is not None}
+    if "train_scale" in kwargs:
+        kwargs["train_scale"] = list(kwargs["train_scale"])
+    return kwargs
+
+
+def input_sizes(cfg: DictConfig, spec) -> dict:
+    """The clip the loader produces: the model's own sizes (`spec`, an X3DSpec) unless the data group sets them."""
+    sizes = {}
+    for key in CLIP_SIZES:
+        value = cfg.data[key] if cfg.data[key] is not None else getattr(spec, key)
+        sizes[key] = list(value) if key == "train_scale" else int(value)
+    return sizes
 
 
 def flatten(cfg: DictConfig) -> dict:

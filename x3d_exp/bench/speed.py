@@ -120,7 +120,7 @@ class MindSporeRunner:
     name = "mindspore"
 
     def __init__(self, kernels: str, fuse: bool = True):
-        from x3d_exp.launch import prepare_process
+        from x3d_exp.env import prepare_process
 
         prepare_process()
         import mindspore as ms

@@ -5,7 +5,7 @@
 See `build_loader` for the columns of each split, `load_video_views` for single files (task=infer).
 """
 
-from x3d_exp.data.errors import DataError
+from x3d_exp.errors import DataError
 from x3d_exp.data.loader import Loader, build_loader, load_video_views
 from x3d_exp.data.synthetic import ensure_synthetic
 

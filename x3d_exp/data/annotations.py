@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from x3d_exp.data.errors import DataError
+from x3d_exp.errors import DataError
 
 SPLITS = ("train", "val", "test")
 # Kinetics releases name their validation split `val` or `validate`, in file names, in the csv `split`

@@ -21,9 +21,10 @@ import numpy as np
 
 from x3d_exp.data.annotations import VideoList, load_split
 from x3d_exp.data.badlog import BadVideoLog
-from x3d_exp.data.errors import DataError
 from x3d_exp.data.transforms import normalise, test_crops, train_crop
+from x3d_exp.data.synthetic import ensure_synthetic
 from x3d_exp.data.video import BadVideo, read_clips
+from x3d_exp.errors import DataError
 
 # A training slot whose video is bad takes another video; this many bad draws in a row means the data is broken.
 MAX_ATTEMPTS = 20
@@ -193,14 +194,8 @@ class Loader:
             self._sampler.epoch = epoch
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("X3D_EXP_CACHE") or Path.home() / ".cache" / "x3d_exp")
-
-
 def resolve_root(data_cfg) -> Path:
     if data_cfg.name == "synthetic":
-        from x3d_exp.data.synthetic import ensure_synthetic
-
         return ensure_synthetic(data_cfg)
     if not data_cfg.root:
         raise DataError(f"data.root is not set: point it at your {data_cfg.name} copy (data.root=/path)")

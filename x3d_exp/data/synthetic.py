@@ -20,7 +20,8 @@ from pathlib import Path
 import av
 import numpy as np
 
-from x3d_exp.data.errors import DataError
+from x3d_exp.env import cache_root
+from x3d_exp.errors import DataError
 
 CLASSES = ("moving_down", "moving_sideways", "moving_up", "standing_still")
 # Unit (dy, dx) per class; sideways picks its sign per video.
@@ -138,9 +139,7 @@ def _is_current(root: Path, params: dict) -> bool:
 
 
 def default_root() -> Path:
-    from x3d_exp.data.loader import default_cache_dir
-
-    return default_cache_dir() / "synthetic"
+    return cache_root() / "synthetic"
 
 
 def ensure_synthetic(data_cfg) -> Path:

@@ -9,19 +9,17 @@ two passes. They are compiled on first use and cached (see `build`).
 - `resolve_cpu_kernels(setting, device)`: the `conv_impl` for the model from
   the config switch `model.cpu_kernels` (`auto|native|custom`).
 - `use_kernels(impl)`: whether the model's layers for `conv_impl` run on these kernels.
-- `build_channelwise_conv3d(...)`: the Cell for one layer and `conv_impl`.
+- `ops.ChannelwiseConv3d`: the channelwise conv layer (x3d_exp.models.x3d decides when to use it).
 - `ops.BatchNormAct3d`, `ops.ChannelMean`, `ops.Gate`: the fused layers.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
 from x3d_exp.kernels.build import KernelBuildError
 
 SETTINGS = ("auto", "native", "custom")
 
-__all__ = ["SETTINGS", "KernelBuildError", "build_channelwise_conv3d", "resolve_cpu_kernels", "use_kernels"]
+__all__ = ["SETTINGS", "KernelBuildError", "resolve_cpu_kernels", "use_kernels"]
 
 
 def resolve_cpu_kernels(setting: str, device: str) -> str:
@@ -56,21 +54,3 @@ def use_kernels(impl: str) -> bool:
         kernel_library()
         return True
     return kernels_available()
-
-
-def build_channelwise_conv3d(channels: int, kernel_size: Sequence[int], stride: Sequence[int],
-                             padding: Sequence[int], impl: str):
-    """A channelwise Conv3d Cell for `impl` "custom" (the C++ kernels) or "auto" (those, else nn.Conv3d).
-
-    `padding` is (t, h, w), applied on both sides, as `x3d_exp.models.x3d.channelwise_conv3d` gives it.
-    """
-    from x3d_exp.kernels.ops import ChannelwiseConv3d, kernels_available
-
-    if impl not in ("auto", "custom"):
-        raise ValueError(f"unknown channelwise conv impl {impl!r}; choose native, auto or custom")
-    if impl == "auto" and not kernels_available():
-        from x3d_exp.models.x3d import channelwise_conv3d
-
-        return channelwise_conv3d(channels, kernel_size, stride, padding, impl="native")
-    t, h, w = padding
-    return ChannelwiseConv3d(channels, kernel_size, stride, (t, t, h, h, w, w))

@@ -23,6 +23,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from x3d_exp.env import cache_root
+
 KERNEL_DIR = Path(__file__).parent
 SOURCES = (KERNEL_DIR / "channelwise_conv3d.cc", KERNEL_DIR / "fused_ops.cc")
 # Part of the cache key (included by the sources), not compiled on its own.
@@ -39,10 +41,7 @@ class KernelBuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("X3D_EXP_CACHE")
-    if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "x3d_exp")
-    return Path(root) / "kernels"
+    return cache_root() / "kernels"
 
 
 def find_compiler() -> str:

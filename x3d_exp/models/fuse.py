@@ -76,6 +76,13 @@ def fuse_for_inference(network: X3D) -> X3D:
     return fused
 
 
+def inference_network(network: X3D) -> X3D:
+    """For a one-off evaluation: with the CPU kernels, a copy with the eval BatchNorms folded into them (about half
+    the forward time, same logits within 1e-5); else the network itself. Not between epochs: each copy compiles
+    anew."""
+    return network if network.spec.conv_impl == "native" else fuse_for_inference(network)
+
+
 def _scale_shift(bn: Optional[nn.BatchNorm3d], channels: int):
     """(scale, shift) of an eval-mode BatchNorm: gamma (x - mean) / sqrt(var + eps) + beta."""
     if bn is None:

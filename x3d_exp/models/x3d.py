@@ -15,6 +15,10 @@ from typing import Optional, Sequence, Tuple
 from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal, Normal, Zero
 
+from x3d_exp import kernels
+from x3d_exp.config import FACTORS
+from x3d_exp.errors import FactorError
+
 BN_EPS = 1e-5
 # MindSpore's momentum weighs the running value: 0.9 here is PyTorch's 0.1.
 BN_MOMENTUM = 0.9
@@ -30,10 +34,6 @@ WIDTH_DIVISOR = 8
 SE_RATIO = 1.0 / 16
 STEM_TEMPORAL_KERNEL = 5
 BLOCK_TEMPORAL_KERNEL = 3
-
-
-class FactorError(ValueError):
-    """An expansion factor or derived size that cannot build a network."""
 
 
 def round_width(width: float, multiplier: float, min_width: int = 1, divisor: int = 1) -> int:
@@ -80,21 +80,12 @@ def _bn_act(channels: int, activation: Optional[str], impl: str = "native",
     memory and the activation cell is an identity.
     """
     gamma_init = "zeros" if zero_init else "ones"
-    if use_kernels(impl):
+    if kernels.use_kernels(impl):
         from x3d_exp.kernels.ops import BatchNormAct3d
 
         return BatchNormAct3d(channels, BN_EPS, BN_MOMENTUM, gamma_init, activation), nn.Identity()
     bn = nn.BatchNorm3d(channels, eps=BN_EPS, momentum=BN_MOMENTUM, gamma_init=gamma_init)
     return bn, ACTIVATIONS[activation]()
-
-
-def use_kernels(impl: str) -> bool:
-    """Whether layers built for `impl` run on x3d_exp.kernels (never for "native")."""
-    if impl == "native":
-        return False
-    from x3d_exp.kernels import use_kernels as kernels_in_use  # only when asked for
-
-    return kernels_in_use(impl)
 
 
 def channelwise_conv3d(channels: int, kernel_size: Sequence[int], stride: Sequence[int] = (1, 1, 1),
@@ -107,11 +98,12 @@ def channelwise_conv3d(channels: int, kernel_size: Sequence[int], stride: Sequen
     """
     if padding is None:
         padding = tuple(k // 2 for k in kernel_size)
-    if impl == "native":
+    if not kernels.use_kernels(impl):
         return _conv3d(channels, channels, tuple(kernel_size), tuple(stride), tuple(padding), group=channels)
-    from x3d_exp.kernels import build_channelwise_conv3d  # only when asked for
+    from x3d_exp.kernels.ops import ChannelwiseConv3d
 
-    return build_channelwise_conv3d(channels, tuple(kernel_size), tuple(stride), tuple(padding), impl)
+    t, h, w = padding
+    return ChannelwiseConv3d(channels, tuple(kernel_size), tuple(stride), (t, t, h, h, w, w))
 
 
 class Swish(nn.Cell):
@@ -156,7 +148,7 @@ class SqueezeExcite(nn.Cell):
 
     def __init__(self, channels: int, se_width: int, activation: Optional[str] = None, impl: str = "native"):
         super().__init__()
-        if use_kernels(impl):
+        if kernels.use_kernels(impl):
             from x3d_exp.kernels.ops import ChannelMean, Gate as KernelGate
 
             self.squeeze, self.excite = ChannelMean(), KernelGate(activation)
@@ -331,7 +323,7 @@ class X3DSpec:
     derived: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
-        for name in ("gamma_t", "gamma_tau", "gamma_s", "gamma_w", "gamma_b", "gamma_d"):
+        for name in FACTORS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise FactorError(f"model.{name} must be a number, got {value!r}")
@@ -401,12 +393,12 @@ def create_x3d(spec: X3DSpec) -> X3D:
 # The published points of the family. Anything not given derives from the factors.
 VARIANTS = {
     "x2d": dict(gamma_t=1, gamma_tau=1, gamma_s=1, gamma_w=1, gamma_b=1, gamma_d=1),
-    "x3d_xs": dict(gamma_t=4, gamma_tau=12, gamma_s=math.sqrt(2), gamma_d=2.2,
-                   crop_size=160, test_crop_size=182, train_scale=(182, 228)),
-    "x3d_s": dict(gamma_t=13, gamma_tau=6, gamma_s=math.sqrt(2), gamma_d=2.2,
-                  crop_size=160, test_crop_size=182, train_scale=(182, 228)),
-    "x3d_m": dict(gamma_t=16, gamma_tau=5, gamma_s=2, gamma_d=2.2,
-                  crop_size=224, test_crop_size=256, train_scale=(256, 320)),
+    # XS, S and M: crops 160/224, test crops 182/256 and scale jitter derive from gamma_s, so expanding gamma_s
+    # changes them.
+    "x3d_xs": dict(gamma_t=4, gamma_tau=12, gamma_s=math.sqrt(2), gamma_d=2.2),
+    "x3d_s": dict(gamma_t=13, gamma_tau=6, gamma_s=math.sqrt(2), gamma_d=2.2),
+    "x3d_m": dict(gamma_t=16, gamma_tau=5, gamma_s=2, gamma_d=2.2),
+    # L and XL: the published crops (312, 356) are not the multiples of 16 that gamma_s rounds to.
     "x3d_l": dict(gamma_t=16, gamma_tau=5, gamma_s=2 * math.sqrt(2), gamma_d=5.0,
                   crop_size=312, test_crop_size=356, train_scale=(356, 446)),
     # PySlowFast's WIDTH_FACTOR 2.9 over its base width 12; our gamma_w=1 is its 2.0 (base 24).
@@ -424,7 +416,12 @@ def build_model(name: str = "custom", num_classes: int = 400, **overrides) -> X3
     if name != "custom" and name not in VARIANTS:
         raise FactorError(f"unknown model {name!r}; choose from {', '.join(sorted(VARIANTS))} or 'custom'")
     kwargs = dict(VARIANTS.get(name, {}))
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "gamma_s" in given and given["gamma_s"] != kwargs.get("gamma_s"):
+        # The variant's pinned crops belong to its own resolution: an expanded gamma_s derives new ones.
+        for key in ("crop_size", "test_crop_size", "train_scale"):
+            kwargs.pop(key, None)
+    kwargs.update(given)
     kwargs["num_classes"] = num_classes
     unknown = set(kwargs) - {f.name for f in fields(X3DSpec)}
     if unknown:

@@ -4,10 +4,8 @@ from x3d_exp.weights.convert import (FORMATS, Conversion, WeightsError, convert_
                                      detect_format, extract_state_dict, load_params, load_pretrained, read_params,
                                      save_params)
 from x3d_exp.weights.export import export_model, verify_export
-from x3d_exp.weights.tasks import task_convert, task_export
 from x3d_exp.weights.torch_pickle import CheckpointError, UnsafeCheckpointError, load_torch_checkpoint
 
 __all__ = ["FORMATS", "CheckpointError", "Conversion", "UnsafeCheckpointError", "WeightsError", "convert_checkpoint",
            "convert_state_dict", "detect_format", "export_model", "extract_state_dict", "load_params",
-           "load_pretrained", "load_torch_checkpoint", "read_params", "save_params", "task_convert", "task_export",
-           "verify_export"]
+           "load_pretrained", "load_torch_checkpoint", "read_params", "save_params", "verify_export"]

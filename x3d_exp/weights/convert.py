@@ -17,6 +17,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+from x3d_exp.errors import WeightsError
 from x3d_exp.weights.torch_pickle import load_torch_checkpoint
 
 log = logging.getLogger(__name__)
@@ -27,10 +28,6 @@ HEAD_PROJECTION = ("head.proj.weight", "head.proj.bias")
 
 _BN_LEAVES = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
 _BLOCK = re.compile(r"stages\.(\d+)\.blocks\.(\d+)\.(.+)")
-
-
-class WeightsError(ValueError):
-    """A checkpoint that cannot be converted or loaded; the message names the key."""
 
 
 @dataclass(frozen=True)

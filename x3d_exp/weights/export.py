@@ -10,7 +10,7 @@ from typing import Sequence, Tuple
 import numpy as np
 from mindspore import Parameter, nn, ops
 
-from x3d_exp.weights.convert import WeightsError
+from x3d_exp.errors import WeightsError
 
 EXPORT_FORMATS = {"MINDIR": ".mindir", "ONNX": ".onnx"}
 

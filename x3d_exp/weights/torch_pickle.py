@@ -23,15 +23,9 @@ from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
+from x3d_exp.errors import CheckpointError, UnsafeCheckpointError
+
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-
-
-class CheckpointError(ValueError):
-    """The file is not a PyTorch checkpoint this reader understands."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """The pickle names a global outside the allow-list (it may try to run code)."""
 
 
 class _Sealed:

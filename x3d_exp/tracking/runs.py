@@ -1,8 +1,8 @@
-"""One MLflow run per run.py job: flattened config, metrics, artifacts, and never left RUNNING.
+"""MLflow runs: creation with the standard tags and params, ownership, and closing the orphans of killed jobs.
 
 A run has one owner, the process that created it, which alone closes it FINISHED. An outer process can create
 the run and hand its id to the process that trains through `ADOPT_ENV`: the msrun launcher to rank 0, the sweep
-job wrapper (x3d_exp.sweeps) to the task. The adopting Tracker logs into that run, marks it FAILED on an error and
+job wrapper (x3d_exp.tracking.sweeps) to the task. The adopting Tracker logs into that run, marks it FAILED on an error and
 otherwise leaves closing it to the owner, which knows whether every other rank or step succeeded too.
 
 A process killed with SIGKILL (or the OOM killer) cannot close its run. Every run therefore carries its owner's
@@ -16,7 +16,6 @@ import logging
 import os
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +23,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from x3d_exp.config import flatten
+from x3d_exp.config import JobContext, flatten
 
 log = logging.getLogger("x3d_exp.tracking")
 MLFLOW_PARAM_LIMIT = 6000
@@ -38,12 +37,6 @@ def git_commit() -> Optional[str]:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def _hydra_output_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(".")
 
 
 def display_uri(uri: str) -> str:
@@ -118,12 +111,10 @@ def open_run(client: MlflowClient, experiment_name: str, run_name: Optional[str]
     return client.create_run(experiment, run_name=run_name, tags={**tags, **owner_tags()}).info.run_id
 
 
-def create_run(client: MlflowClient, cfg: DictConfig, run_dir: Path, tags: Optional[dict] = None,
+def create_run(client: MlflowClient, cfg: DictConfig, run_dir: Path, job: JobContext, tags: Optional[dict] = None,
                run_name: Optional[str] = None) -> str:
-    """A RUNNING run with the standard tags, the flattened config as params and the `.hydra/` files."""
-    from hydra.core.hydra_config import HydraConfig
-
-    overrides = " ".join(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ""
+    """A RUNNING run with the standard tags, the flattened config as params and the job's `.hydra/` files."""
+    overrides = " ".join(job.task_overrides)
     all_tags = {"task": cfg.task, "model": cfg.model.name, "data": cfg.data.name,
                 "hydra_overrides": overrides, "run_dir": str(Path(run_dir).resolve())}
     commit = git_commit()
@@ -132,89 +123,7 @@ def create_run(client: MlflowClient, cfg: DictConfig, run_dir: Path, tags: Optio
     all_tags.update(tags or {})
     run_id = open_run(client, cfg.mlflow.experiment_name, run_name or cfg.mlflow.run_name, all_tags)
     log_params(client, run_id, flatten(cfg))
-    hydra_dir = _hydra_output_dir() / ".hydra"
+    hydra_dir = job.output_dir / ".hydra"
     if hydra_dir.is_dir():
         client.log_artifacts(run_id, str(hydra_dir), ".hydra")
     return run_id
-
-
-class Tracker:
-    """Context manager around an MLflow run; the run ends FAILED on any exception, KeyboardInterrupt included.
-
-    `active=False` (ranks other than 0) makes every method a no-op, so the engine needs no rank checks around it.
-    """
-
-    def __init__(self, cfg: DictConfig, run_dir: Path, resume: bool = False, active: bool = True):
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.resume = resume
-        self.active = active
-        self.tracking_uri = cfg.mlflow.tracking_uri
-        self.client = MlflowClient(self.tracking_uri) if active else None
-        self.run_id: Optional[str] = None
-        self.owner = True
-
-    @property
-    def display_uri(self) -> str:
-        return display_uri(self.tracking_uri)
-
-    def __enter__(self):
-        if not self.active:
-            return self
-        id_file = self.run_dir / "mlflow_run_id"
-        adopted = os.environ.get(ADOPT_ENV)
-        if adopted:
-            self.run_id, self.owner = adopted, False
-        elif self.resume and id_file.is_file():
-            # A resumed run continues its own MLflow run: same params, one continuous step axis.
-            self.run_id = id_file.read_text().strip()
-            run = self.client.get_run(self.run_id)
-            close_orphaned_runs(self.client, run.info.experiment_id)
-            self.client.update_run(self.run_id, status="RUNNING")
-            if "error" in self.client.get_run(self.run_id).data.tags:
-                self.client.delete_tag(self.run_id, "error")  # the interruption it recorded is being repaired
-            for key, value in {**owner_tags(), "resumed": "true"}.items():
-                self.client.set_tag(self.run_id, key, value)
-            return self
-        else:
-            self.run_id = create_run(self.client, self.cfg, self.run_dir)
-        id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(self.run_id)
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if not self.active:
-            return False
-        if exc_type is not None:
-            self.client.set_tag(self.run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])
-            self.client.set_terminated(self.run_id, "FAILED")
-        elif self.owner:
-            self.client.set_terminated(self.run_id, "FINISHED")
-        return False
-
-    def log_params(self, params: dict):
-        if self.active:
-            log_params(self.client, self.run_id, params)
-
-    def log_metrics(self, metrics: dict, step: Optional[int]):
-        if not self.active:
-            return
-        entities = [mlflow.entities.Metric(k, float(v), int(time.time() * 1000), step or 0)
-                    for k, v in metrics.items() if v is not None]
-        self.client.log_batch(self.run_id, metrics=entities)
-
-    def log_artifact(self, path, artifact_path: Optional[str]):
-        if self.active and path is not None and Path(path).exists():
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
-
-    def log_model(self, network, sizes: dict):
-        from x3d_exp.models.summary import format_summary, trace_network
-
-        if not self.active:
-            return
-        count = trace_network(network, network.spec.input_shape)
-        self.client.log_param(self.run_id, "model_params", count.params)
-        self.client.log_param(self.run_id, "model_gmacs", round(count.gmacs, 4))
-        summary = self.run_dir / "model_summary.txt"
-        summary.write_text(format_summary(self.cfg.model.name, count) + f"\nloader clip sizes: {sizes}\n")
-        self.log_artifact(summary, None)

@@ -9,11 +9,11 @@ Two pieces, both always on (conf/config.yaml), so ad-hoc sweeps are grouped like
   `top1_vs_gmacs.png` to the parent, closes it (FAILED if any job failed) and exits with status 1 if any job failed.
   Should the multirun itself die (a job's composition error, Ctrl+C), an exit hook still writes the summary and
   closes the parent FAILED.
-- `run_job(task, cfg)`, which run.py's task function calls. In a multirun job it creates the job's child run
+- `run_job(task, cfg, job)`, which the CLI's task function calls (x3d_exp.cli). In a multirun job it creates the job's child run
   (tag `mlflow.parentRunId`), lets the task log into it (tracking.ADOPT_ENV) and closes it. A failing job is
   recorded and returned as `{"status": "FAILED", "error": ...}` instead of raised: Hydra's BasicSweeper re-raises a
   failed job's exception after its batch, which skips later batches and on_multirun_end, and the SystemExit of a
-  user error (tasks.run_task exits 2) escapes Hydra's run_job altogether, ending the multirun in the middle of a
+  user error (cli.run_task exits 2) escapes Hydra's run_job altogether, ending the multirun in the middle of a
   batch. Outside a multirun it only calls the task.
 
 Progressive expansion (X3D's search: expand each axis a step, keep the one with the best accuracy per GMAC, repeat)
@@ -35,27 +35,20 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 from hydra.experimental.callback import Callback
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger("x3d_exp.sweeps")
+from x3d_exp.config import FACTORS, JobContext, flatten
+from x3d_exp.tracking.plots import plot_top1_vs_gmacs
+from x3d_exp.tracking.runs import ADOPT_ENV, create_run, display_uri, git_commit, log_params, open_run
+
+log = logging.getLogger("x3d_exp.tracking.sweeps")
 
 PARENT_FILE = "mlflow_parent_run_id"
 SUMMARY_CSV = "sweep_summary.csv"
 SUMMARY_PLOT = "top1_vs_gmacs.png"
 # Tasks that record an MLflow run of their own (summary, convert, export and infer do not).
 TRACKED_TASKS = ("train", "test")
-FACTORS = ("gamma_t", "gamma_tau", "gamma_s", "gamma_w", "gamma_b", "gamma_d")
-
-
-def _multirun_job():
-    """The job's HydraConfig in a multirun, else None."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return None
-    hydra_cfg = HydraConfig.get()
-    return hydra_cfg if hydra_cfg.mode == RunMode.MULTIRUN else None
 
 
 def _first_line(text: str) -> str:
@@ -64,31 +57,25 @@ def _first_line(text: str) -> str:
 
 
 def _describe_failure(err: BaseException) -> str:
-    # tasks.run_task turns a user error into sys.exit(2) inside its except block, so the error is the context.
+    # cli.run_task turns a user error into sys.exit(2) inside its except block, so the error is the context.
     if isinstance(err, SystemExit) and isinstance(err.__context__, Exception):
         err = err.__context__
     return f"{type(err).__name__}: {_first_line(str(err))}"
 
 
-def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig):
+def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig, context: JobContext):
     """Run one task; in a multirun job, as a child run of the sweep's parent and never raising its failure."""
-    hydra_cfg = _multirun_job()
-    if hydra_cfg is None:
+    if not context.multirun:
         return task(cfg)
-    from mlflow.tracking import MlflowClient
-
-    from x3d_exp.config import flatten
-    from x3d_exp.tracking import ADOPT_ENV, create_run
-
-    parent_file = Path(hydra_cfg.sweep.dir) / PARENT_FILE
+    parent_file = Path(context.sweep_dir) / PARENT_FILE
     parent = parent_file.read_text().strip() if parent_file.is_file() else None
     client = run_id = None
     previous = os.environ.get(ADOPT_ENV)
-    job = int(hydra_cfg.job.num)
-    if parent and cfg.task in TRACKED_TASKS:
+    job = context.job_num
+    if parent and cfg.task in TRACKED_TASKS and cfg.mlflow.enabled:
         client = MlflowClient(cfg.mlflow.tracking_uri)
         changed = _changed({k: str(v) for k, v in flatten(cfg).items()}, client.get_run(parent).data.params)
-        run_id = create_run(client, cfg, Path(hydra_cfg.runtime.output_dir),
+        run_id = create_run(client, cfg, context.output_dir, context,
                             tags={"mlflow.parentRunId": parent, "sweep.job": str(job)},
                             run_name=cfg.mlflow.run_name or f"{job}: {changed or '(base)'}"[:250])
         os.environ[ADOPT_ENV] = run_id
@@ -151,33 +138,6 @@ def summary_table(client, children: List, base_params: dict):
     return pd.DataFrame(rows, columns=columns).sort_values("job", kind="stable").reset_index(drop=True)
 
 
-def plot_top1_vs_gmacs(table, title: str, path: Path) -> Path:
-    """The X3D paper's Figure 2 view: test top-1 against inference cost, one labelled point per finished job."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = table[(table.status == "FINISHED") & table.gmacs.notna() & table.test_top1.notna()]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    ax.scatter(done.gmacs, done.test_top1, zorder=3)
-    # Jobs of equal accuracy and similar cost would print their labels on top of each other: stagger them.
-    for i, (_, row) in enumerate(done.sort_values("gmacs").iterrows()):
-        ax.annotate(row.changed, (row.gmacs, row.test_top1), textcoords="offset points", xytext=(4, 4 + 9 * (i % 3)),
-                    fontsize=7)
-    if len(done) and done.gmacs.max() > 10 * done.gmacs.min():
-        ax.set_xscale("log")
-    failed = int((table.status != "FINISHED").sum())
-    ax.set_xlabel("GMACs per clip (the model's own input size)")
-    ax.set_ylabel("test top-1")
-    ax.set_title(f"{title}: {len(done)} finished" + (f", {failed} failed (see {SUMMARY_CSV})" if failed else ""))
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
 class MlflowSweepCallback(Callback):
     """Parent run and summary of a multirun (see the module docstring)."""
 
@@ -190,11 +150,6 @@ class MlflowSweepCallback(Callback):
         self.tracking_uri = ""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from mlflow.tracking import MlflowClient
-
-        from x3d_exp.config import flatten
-        from x3d_exp.tracking import git_commit, log_params, open_run
-
         base = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         self.name = str(OmegaConf.select(base, "sweep.name", default=None) or "multirun")
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
@@ -223,8 +178,6 @@ class MlflowSweepCallback(Callback):
 
     def _finish(self, aborted: bool) -> str:
         """Summarise and close the parent once; returns a one-line account of failed jobs ('' if none)."""
-        from x3d_exp.tracking import display_uri
-
         if self.parent is None:
             return ""
         parent, self.parent = self.parent, None
@@ -242,7 +195,7 @@ class MlflowSweepCallback(Callback):
         csv = self.sweep_dir / SUMMARY_CSV
         table.to_csv(csv, index=False)
         self.client.log_artifact(parent, str(csv))
-        self.client.log_artifact(parent, str(plot_top1_vs_gmacs(table, self.name, self.sweep_dir / SUMMARY_PLOT)))
+        self.client.log_artifact(parent, str(plot_top1_vs_gmacs(table, self.name, self.sweep_dir / SUMMARY_PLOT, SUMMARY_CSV)))
         bad = table[table.status != "FINISHED"]
         best = table.test_top1.max() if table.test_top1.notna().any() else math.nan
         metrics = {"sweep/jobs": len(table), "sweep/failed": len(bad)}

@@ -1,4 +1,5 @@
-"""`task=convert` and `task=export`: each returns the dict printed as the run's final JSON line."""
+"""Tasks on the network alone: `task=summary` (size and cost), `task=convert` (PyTorch weights in) and
+`task=export` (MINDIR or ONNX out)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,30 @@ import os
 import numpy as np
 from omegaconf import DictConfig
 
-from x3d_exp.weights.convert import (FORMATS, WeightsError, checkpoint_num_classes, convert_state_dict, detect_format,
+from x3d_exp.config import JobContext, model_kwargs
+from x3d_exp.errors import CheckpointError, UserError, WeightsError
+from x3d_exp.models import build_model
+from x3d_exp.models.summary import format_summary, trace_network
+from x3d_exp.weights.convert import (FORMATS, checkpoint_num_classes, convert_state_dict, detect_format,
                                      extract_state_dict, load_params, read_params, save_params)
 from x3d_exp.weights.export import EXPORT_FORMATS, export_model, verify_export
-from x3d_exp.weights.torch_pickle import CheckpointError, load_torch_checkpoint
+from x3d_exp.weights.torch_pickle import load_torch_checkpoint
 
 # Float32 graphs in another runtime reorder sums: allow that much, relative to the largest logit.
 EXPORT_TOLERANCE = 1e-4
 
 
-def _user_error(message: str) -> Exception:
-    # Imported here: x3d_exp.tasks imports this module to build its TASKS table.
-    from x3d_exp.tasks import UserError
-
-    return UserError(message)
+def task_summary(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
+    """Parameter count and GMACs of the `model=` network at its training and test input (no weights needed)."""
+    net = build_model(cfg.model.name, num_classes=cfg.data.num_classes, **model_kwargs(cfg))
+    count = trace_network(net, net.spec.input_shape)
+    test_input = [3, net.spec.num_frames, net.spec.test_crop_size, net.spec.test_crop_size]
+    test_count = trace_network(net, test_input)
+    print(format_summary(cfg.model.name, count))
+    print(f"test crop {test_input}: {test_count.gmacs:.3f} GMACs")
+    return {"task": "summary", "model": cfg.model.name, "params": count.params, "gmacs": round(count.gmacs, 4),
+            "test_gmacs": round(test_count.gmacs, 4), "input": list(count.input_shape),
+            "num_classes": int(cfg.data.num_classes)}
 
 
 def _option(cfg: DictConfig, section: str, key: str, default=None):
@@ -29,14 +40,11 @@ def _option(cfg: DictConfig, section: str, key: str, default=None):
 
 
 def _build(cfg: DictConfig, num_classes: int):
-    from x3d_exp.models import build_model
-    from x3d_exp.tasks import model_kwargs
-
     # MindSpore's own Conv3d: custom CPU kernels would tie an exported file to a local .so (and rename nothing).
     return build_model(cfg.model.name, num_classes=num_classes, **{**model_kwargs(cfg), "conv_impl": "native"})
 
 
-def task_convert(cfg: DictConfig) -> dict:
+def task_convert(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
     """PyTorch X3D checkpoint (`convert.src`) -> MindSpore .ckpt (`convert.dst`) for the model `model=` builds.
 
     The class count is the checkpoint's own (its classifier's rows), not `data.num_classes`: a Kinetics-400
@@ -44,9 +52,9 @@ def task_convert(cfg: DictConfig) -> dict:
     """
     src = _option(cfg, "convert", "src")
     if not src:
-        raise _user_error("convert.src: give the PyTorch checkpoint to convert (convert.src=X3D_M.pyth)")
+        raise UserError("convert.src: give the PyTorch checkpoint to convert (convert.src=X3D_M.pyth)")
     if not os.path.isfile(src):
-        raise _user_error(f"convert.src={src}: no such file")
+        raise UserError(f"convert.src={src}: no such file")
     dst = _option(cfg, "convert", "dst") or os.path.splitext(src)[0] + ".ckpt"
     fmt = str(_option(cfg, "convert", "format", "auto"))
     try:
@@ -58,17 +66,17 @@ def task_convert(cfg: DictConfig) -> dict:
         network = _build(cfg, num_classes or int(cfg.data.num_classes))
         conversion = convert_state_dict(state, network, fmt)
     except (CheckpointError, WeightsError, OSError) as err:
-        raise _user_error(f"convert.src={src}: {err}") from None
+        raise UserError(f"convert.src={src}: {err}") from None
     try:
         save_params(conversion.params, dst)
     except (WeightsError, OSError) as err:
-        raise _user_error(f"convert.dst={dst}: {err}") from None
+        raise UserError(f"convert.dst={dst}: {err}") from None
     return {"task": "convert", "src": src, "dst": dst, "format": conversion.format, "model": cfg.model.name,
             "num_classes": int(network.spec.num_classes), "params": len(conversion.params),
             "identity_bn": conversion.identity_bn, "dropped": len(conversion.dropped)}
 
 
-def task_export(cfg: DictConfig) -> dict:
+def task_export(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
     """Network of `model=` with the weights of `ckpt` -> `export.dst` (MINDIR or ONNX), checked by running it.
 
     With `ckpt` the class count is the checkpoint's; without, `data.num_classes` (and random weights).
@@ -76,7 +84,7 @@ def task_export(cfg: DictConfig) -> dict:
     """
     fmt = str(_option(cfg, "export", "format", "MINDIR")).upper()
     if fmt not in EXPORT_FORMATS:
-        raise _user_error(f"export.format={fmt}: choose one of {', '.join(EXPORT_FORMATS)}")
+        raise UserError(f"export.format={fmt}: choose one of {', '.join(EXPORT_FORMATS)}")
     ckpt = cfg.get("ckpt")
     try:
         if ckpt and not os.path.isfile(ckpt):
@@ -90,7 +98,7 @@ def task_export(cfg: DictConfig) -> dict:
         shape = [int(d) for d in _option(cfg, "export", "input_shape",
                                          [1, 3, spec.num_frames, spec.crop_size, spec.crop_size])]
         if len(shape) != 5 or shape[1] != 3 or min(shape) < 1:
-            raise _user_error(f"export.input_shape={shape}: must be [N, 3, T, H, W]")
+            raise UserError(f"export.input_shape={shape}: must be [N, 3, T, H, W]")
         dst = _option(cfg, "export", "dst") or (os.path.splitext(ckpt)[0] if ckpt else cfg.model.name)
         path = export_model(network, shape, dst, fmt)
         result = {"task": "export", "format": fmt, "dst": path, "model": cfg.model.name, "ckpt": ckpt,
@@ -102,5 +110,5 @@ def task_export(cfg: DictConfig) -> dict:
             if diff > EXPORT_TOLERANCE * max(1.0, scale):
                 raise WeightsError(f"{path} gives outputs {diff:.3g} away from the network's")
     except (CheckpointError, WeightsError, OSError) as err:
-        raise _user_error(f"ckpt={ckpt}: {err}" if ckpt else str(err)) from None
+        raise UserError(f"ckpt={ckpt}: {err}" if ckpt else str(err)) from None
     return result

@@ -1,4 +1,4 @@
-"""Data-parallel training inside the processes that msrun starts (see x3d_exp.msrun for the launching side).
+"""Data-parallel training inside the processes that msrun starts (x3d_exp.distributed.msrun is the launching side).
 
 A process is a rank when msrun set `MS_ROLE=MS_WORKER` in its environment. msrun also runs the same script once
 as its scheduler (`MS_ROLE=MS_SCHED`): `init()` serves the cluster there and ends the process when the workers are
@@ -13,21 +13,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Tuple
 
 import numpy as np
 
+from x3d_exp.env import under_msrun
+
 log = logging.getLogger("x3d_exp.distributed")
 
 # MindSpore's name for each device's collective library; the scheduler always uses mccl.
 BACKENDS = {"CPU": "mccl", "GPU": "nccl", "Ascend": "hccl"}
-
-
-def under_msrun() -> bool:
-    return os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED")
+# Rank 0 leaves its task's result here for the launcher, which prints it as the run's result.
+RESULT_FILE = "result.json"
 
 
 @dataclass(frozen=True)

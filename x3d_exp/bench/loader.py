@@ -1,7 +1,7 @@
 """Loader benchmark: decoded + augmented training clips per second, decord pipeline vs a PyAV baseline.
 
-    python -m x3d_exp.data.bench                 # XS and M settings, 0/1/2 workers, ~3 minutes on 2 cores
-    python -m x3d_exp.data.bench --settings xs --workers 0 2 --rounds 1
+    python -m x3d_exp.bench.loader                 # XS and M settings, 0/1/2 workers, ~3 minutes on 2 cores
+    python -m x3d_exp.bench.loader --settings xs --workers 0 2 --rounds 1
 
 It generates Kinetics-like H.264 files itself (340x256, 10 s at 30 fps, ~0.9 Mbit/s, x264 `veryfast`: CABAC and
 B-frames like the re-encoded YouTube clips), lists them in the official Kinetics csv layout and reads them through
@@ -23,9 +23,10 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from x3d_exp.data.config import DataConfig
-from x3d_exp.data.loader import build_loader, default_cache_dir
+from x3d_exp.data.loader import build_loader
 from x3d_exp.data.transforms import normalise, train_crop
 from x3d_exp.data.video import clip_frame_indices, short_side_size
+from x3d_exp.env import cache_root
 
 # The published training inputs of X3D-XS and X3D-M (x3d_exp.models.x3d.VARIANTS).
 SETTINGS = {
@@ -156,7 +157,7 @@ def main(argv=None) -> dict:
                         help="measurements per method, interleaved so that load from other processes hits all alike")
     parser.add_argument("--files", type=int, default=6, help="distinct encoded videos")
     parser.add_argument("--video-seconds", type=int, default=10)
-    parser.add_argument("--root", type=Path, default=default_cache_dir() / "bench")
+    parser.add_argument("--root", type=Path, default=cache_root() / "bench")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 

@@ -28,9 +28,17 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import numpy as np
+import mindspore as ms
 from omegaconf import DictConfig, OmegaConf
 
-from x3d_exp.tasks import UserError
+from x3d_exp.config import JobContext, input_sizes
+from x3d_exp.data import load_video_views
+from x3d_exp.data.annotations import SPLITS, load_split
+from x3d_exp.engine.build import build_network, setup_context
+from x3d_exp.engine.evaluate import softmax
+from x3d_exp.errors import DataError, UserError, WeightsError
+from x3d_exp.models.fuse import inference_network
+from x3d_exp.weights import load_params, read_params
 
 TOP_K = 5
 OUTPUTS = ("auto", "json", "table")
@@ -58,9 +66,6 @@ def dataset_labels(data: DictConfig, num_classes: int) -> Tuple[Optional[List[st
     Any split's annotation will do: every reader numbers classes from one class list (the train csv, classInd),
     and an evaluation-only copy may hold no train list.
     """
-    from x3d_exp.data import DataError
-    from x3d_exp.data.annotations import SPLITS, load_split
-
     if OmegaConf.is_missing(data, "root") or not data.root:
         return None, f"data.root is not set for data={data.name}"
     reasons = []
@@ -101,25 +106,17 @@ class _Video:
 
 
 def _predict(network, rows: List[Tuple[_Video, np.ndarray]], batch_size: int) -> None:
-    import mindspore as ms
-
-    from x3d_exp.engine import _softmax
-
     batch = np.stack([view for _, view in rows])
     if len(rows) < batch_size:
         # One batch shape for the whole run: graph mode would compile the network again for a smaller batch.
         batch = np.concatenate([batch, np.zeros((batch_size - len(rows), *batch.shape[1:]), batch.dtype)])
     logits = network(ms.Tensor(batch)).asnumpy()[:len(rows)]
-    for (video, _), probs in zip(rows, _softmax(logits.astype(np.float64))):
+    for (video, _), probs in zip(rows, softmax(logits.astype(np.float64))):
         video.prob_sum = video.prob_sum + probs
         video.remaining -= 1
 
 
-def task_infer(cfg: DictConfig) -> dict:
-    from x3d_exp.data import DataError, load_video_views
-    from x3d_exp.engine import build_network, inference_network, input_sizes, setup_context
-    from x3d_exp.weights import WeightsError, load_params, read_params
-
+def task_infer(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
     started = time.time()
     options = cfg.get("infer") or {}
     inputs = options.get("inputs") or []

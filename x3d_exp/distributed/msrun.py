@@ -1,7 +1,7 @@
 """`launcher=distributed_cpu|distributed_gpu`: run.py starts itself again under MindSpore's msrun.
 
 The process the user started (the launcher) owns the MLflow run and the exit status: it creates the run, hands its
-id to rank 0 (tracking.ADOPT_ENV), starts msrun with the same overrides and one pinned `hydra.run.dir`, and closes
+id to rank 0 (x3d_exp.tracking.ADOPT_ENV), starts msrun with the same overrides and one pinned `hydra.run.dir`, and closes
 the run FINISHED only when msrun reports that every rank exited 0. msrun itself kills all ranks as soon as one
 fails; the launcher stops msrun and everything below it shortly after that (msrun would go on waiting for its
 scheduler) and in any case once `launcher.timeout` seconds have passed, so no failure leaves the command hanging.
@@ -25,24 +25,23 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from x3d_exp.distributed import under_msrun
-from x3d_exp.tasks import UserError
+from x3d_exp.config import JobContext
+from x3d_exp.distributed import RESULT_FILE
+from x3d_exp.engine.checkpoint import resolve_resume
+from x3d_exp.env import under_msrun
+from x3d_exp.errors import LaunchError, UserError
+from x3d_exp.tracking import ADOPT_ENV, Tracker
 
 # msrun starts each worker as `python <script> <args>`: the script must be run.py, the only entry point that
 # composes the config. It sits next to the package in the repository (the project is installed editable).
-ENTRY = Path(__file__).resolve().parents[1] / "run.py"
+ENTRY = Path(__file__).resolve().parents[2] / "run.py"
 LOG_DIR = "msrun_logs"
-RESULT_FILE = "result.json"
 # Hydra settings a worker should share with the launcher; the others (mode, sweep dirs, hydra/launcher) would
 # make a worker another multirun.
 FORWARDED_HYDRA = ("hydra.verbose", "hydra.job_logging", "hydra/job_logging", "hydra.hydra_logging",
                    "hydra/hydra_logging")
 # After SIGTERM, how long msrun and the ranks get to close their logs and the MLflow run before SIGKILL.
 STOP_GRACE_S = 5
-
-
-class LaunchError(UserError):
-    """The distributed run failed or timed out; the message names the failing rank's log."""
 
 
 def world_size(cfg: DictConfig) -> int:
@@ -74,24 +73,20 @@ def check_launcher(cfg: DictConfig) -> None:
                         f"with `pip install -e .`)")
 
 
-def worker_args(run_dir: Path) -> list:
+def worker_args(job: JobContext, run_dir: Path) -> list:
     """run.py's arguments for every rank: the launcher's config source and overrides, one pinned run dir.
 
     `hydra.output_subdir=null`: the launcher already saved `.hydra/` there, and N ranks rewriting it at once
     could leave a truncated file.
     """
-    from hydra.core.hydra_config import HydraConfig
-
-    hydra_cfg = HydraConfig.get()
-    args = [f"--config-name={hydra_cfg.job.config_name}"]
-    args += [f"--config-dir={source.path}" for source in hydra_cfg.runtime.config_sources
-             if source.provider == "command-line"]
-    args += list(hydra_cfg.overrides.task)
-    args += [o for o in hydra_cfg.overrides.hydra if o.lstrip("+~").startswith(FORWARDED_HYDRA)]
+    args = [f"--config-name={job.config_name}"]
+    args += [f"--config-dir={path}" for path in job.config_dirs]
+    args += list(job.task_overrides)
+    args += [o for o in job.hydra_overrides if o.lstrip("+~").startswith(FORWARDED_HYDRA)]
     return args + [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null"]
 
 
-def msrun_command(cfg: DictConfig, run_dir: Path) -> list:
+def msrun_command(cfg: DictConfig, job: JobContext, run_dir: Path) -> list:
     lc = cfg.launcher
     return [sys.executable, "-m", "mindspore.parallel.cluster.run",
             f"--worker_num={world_size(cfg)}", f"--local_worker_num={lc.nproc}",
@@ -101,7 +96,7 @@ def msrun_command(cfg: DictConfig, run_dir: Path) -> list:
             f"--cluster_time_out={lc.timeout if lc.timeout > 0 else -1}",
             # The console follows this node's first rank; every rank's output is in its own log file.
             f"--tail_worker_log={lc.node_rank * lc.nproc}",
-            str(ENTRY), *worker_args(run_dir)]
+            str(ENTRY), *worker_args(job, run_dir)]
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -173,24 +168,19 @@ def _first_error(log_dir: Path) -> str:
     return "no error line in the worker logs"
 
 
-def launch(cfg: DictConfig) -> dict:
+def launch(cfg: DictConfig, job: JobContext) -> dict:
     """Run this task under msrun; returns rank 0's result (node 0) or this node's summary (other nodes)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from x3d_exp.engine import resolve_resume
-    from x3d_exp.tracking import ADOPT_ENV, Tracker
-
     check_launcher(cfg)
     started = time.time()
-    run_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    run_dir = job.output_dir.resolve()
     # The ranks get the same `resume` and resolve it to the same directory.
     out_dir, resume_from = resolve_resume(cfg.resume, run_dir) if cfg.task == "train" else (run_dir, None)
     result_path = out_dir / RESULT_FILE
     result_path.unlink(missing_ok=True)
     main_node = cfg.launcher.node_rank == 0
-    cmd = msrun_command(cfg, run_dir)
+    cmd = msrun_command(cfg, job, run_dir)
     timeout = cfg.launcher.timeout or None
-    with Tracker(cfg, out_dir, resume=resume_from is not None, active=main_node) as tracker:
+    with Tracker(cfg, out_dir, job, resume=resume_from is not None, active=main_node) as tracker:
         env = dict(os.environ)
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         if tracker.run_id:
@@ -222,6 +212,4 @@ def launch(cfg: DictConfig) -> dict:
             raise LaunchError(f"all ranks exited 0 but rank 0 left no {result_path}")
         result = json.loads(result_path.read_text())
         result["seconds"] = round(time.time() - started, 1)
-    if tracker.owner:
-        print(f"view the run: mlflow ui --backend-store-uri {tracker.display_uri}")
     return result

@@ -1,0 +1,40 @@
+"""The command line as users meet it: one-line errors for bad overrides, and the debug preset end to end."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.cli_helpers import final_json, run_cli, runs_of, store_uri
+
+@pytest.mark.parametrize("overrides, named", [
+    (["model=x3d_q"], "model=x3d_q"),
+    (["optim.lr=-0.1"], "optim.lr"),
+    (["data.batch_size=0"], "data.batch_size"),
+    (["model.gamma_d=abc"], "model.gamma_d"),
+    (["model.gamma_d=-1"], "model.gamma_d"),
+    (["model.no_such_key=1"], "model.no_such_key"),
+    (["optim.clip_grad_norm=0"], "optim.clip_grad_norm"),
+    (["data=k400"], "data.root"),
+    (["data=k400", "data.root=/no/such/k400"], "/no/such/k400"),
+])
+def test_bad_overrides_exit_non_zero_with_one_line(overrides, named, cache, tmp_path):
+    done = run_cli(overrides + [f"hydra.run.dir={tmp_path / 'run'}", f"mlflow.tracking_uri={store_uri(tmp_path)}"],
+                   cwd=tmp_path, cache=cache, timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and named in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    if overrides[0] == "model=x3d_q":
+        assert "x3d_xs" in errors[0]  # the valid options are listed
+
+
+def test_smoke_preset_runs_one_tiny_epoch_in_its_own_data_folder(cache, tmp_path):
+    done = run_cli(["debug=smoke", f"hydra.run.dir={tmp_path / 'run'}", f"mlflow.tracking_uri={store_uri(tmp_path)}"],
+                   cwd=tmp_path, cache=cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = final_json(done.stdout)
+    assert result["epochs"] == 1 and result["test_videos"] == 8
+    (run,) = runs_of(store_uri(tmp_path))
+    assert run.info.status == "FINISHED" and run.data.params["data.crop_size"] == "32"
+    assert run.data.params["data.root"] == str(cache / "synthetic_smoke")
+    assert (cache / "synthetic_smoke" / "synthetic.json").is_file()

@@ -1,0 +1,111 @@
+"""task=train and task=test through the real CLI: what a finished, a tested and a resumed run leave behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.cli_helpers import REPO, TINY, artifact_paths, cli_env, final_json, metric_steps, run_cli, runs_of, store_uri
+
+def test_train_run_is_finished_with_params_metrics_and_artifacts(trained):
+    work, result, done = trained
+    for key in ("task", "run_id", "model", "params", "val_top1", "test_top1", "test_top5", "epochs", "seconds",
+                "world_size"):
+        assert key in result
+    assert result["task"] == "train" and result["epochs"] == 2 and result["model"] == "x3d_xs"
+    assert "mlflow ui --backend-store-uri sqlite:///" in done.stdout
+    assert (done.stdout + done.stderr).count("BN statistics from 2 training batches") == 2  # once per epoch
+    uri = store_uri(work)
+    (run,) = runs_of(uri)
+    assert run.info.run_id == result["run_id"] and run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.gamma_w"] == "1.0" and params["optim.lr"] == "0.05" and params["data.batch_size"] == "4"
+    assert int(params["model_params"]) == result["params"] and float(params["model_gmacs"]) > 0
+    assert run.data.tags["task"] == "train" and "data.batch_size=4" in run.data.tags["hydra_overrides"]
+    # 16 training videos in batches of 4, logged every step: one loss per step over both epochs.
+    assert metric_steps(uri, run.info.run_id, "train/loss") == list(range(1, 9))
+    assert metric_steps(uri, run.info.run_id, "val/top1") == [4, 8]
+    for key in ("train/lr", "train/clips_per_s", "val/loss", "val/top5", "data/bad_videos"):
+        assert key in run.data.metrics
+    assert run.data.metrics["test/top1"] == pytest.approx(result["test_top1"])
+    artifacts = artifact_paths(uri, run.info.run_id)
+    for expected in (".hydra/config.yaml", ".hydra/overrides.yaml", "checkpoints/best.ckpt",
+                     "checkpoints/epoch0002.ckpt", "plots/learning_curves.png", "plots/per_class_accuracy.png",
+                     "model_summary.txt", "per_class_accuracy.json"):
+        assert expected in artifacts, artifacts
+
+
+def test_learning_rate_follows_warmup_then_cosine(trained):
+    work, result, _ = trained
+    from mlflow.tracking import MlflowClient
+
+    rates = [m.value for m in sorted(MlflowClient(store_uri(work)).get_metric_history(result["run_id"], "train/lr"),
+                                     key=lambda m: m.step)]
+    # One warmup epoch (4 steps) from lr/10 up to lr, then a falling half-cosine.
+    assert rates[0] == pytest.approx(0.005)
+    assert rates[:5] == sorted(rates[:5]) and rates[4] == pytest.approx(0.05)
+    assert rates[4:] == sorted(rates[4:], reverse=True) and rates[-1] < 0.05
+
+
+def test_test_task_on_the_best_checkpoint_reproduces_the_final_test(trained, cache, tmp_path):
+    work, result, _ = trained
+    best = work / "run" / "checkpoints" / "best.ckpt"
+    done = run_cli(TINY + ["task=test", f"ckpt={best}", f"hydra.run.dir={tmp_path / 'run'}",
+                           f"mlflow.tracking_uri={store_uri(tmp_path)}"], cwd=tmp_path, cache=cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tested = final_json(done.stdout)
+    assert tested["task"] == "test" and tested["test_top1"] == pytest.approx(result["test_top1"])
+    (run,) = runs_of(store_uri(tmp_path))
+    assert run.info.status == "FINISHED" and run.data.metrics["test/top1"] == pytest.approx(result["test_top1"])
+
+
+def test_resume_after_kill_finishes_the_planned_epochs_in_the_same_run(cache, tmp_path):
+    run_dir = tmp_path / "run"
+    uri = store_uri(tmp_path)
+    args = TINY + ["trainer.epochs=3", f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri={uri}"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=tmp_path, env=cli_env(cache),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    first = run_dir / "checkpoints" / "epoch0001.ckpt"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists(), proc.stderr.read().decode()[-3000:]
+    assert not (run_dir / "checkpoints" / "epoch0003.ckpt").exists(), "the run finished before it was killed"
+    (killed,) = runs_of(uri)
+    # kill -9 leaves no chance to close it; the next run opened in the experiment sees its process is gone.
+    assert killed.info.status == "RUNNING" and killed.data.tags["owner_pid"] == str(proc.pid)
+    from mlflow.tracking import MlflowClient
+    from x3d_exp.tracking.runs import close_orphaned_runs
+
+    assert close_orphaned_runs(MlflowClient(uri), killed.info.experiment_id) == [killed.info.run_id]
+    (closed,) = runs_of(uri)
+    assert closed.info.status == "KILLED" and f"process {proc.pid}" in closed.data.tags["error"]
+
+    done = run_cli(args + ["resume=auto"], cwd=tmp_path, cache=cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout
+    result = final_json(done.stdout)
+    assert result["epochs"] == 3 and result["run_id"] == killed.info.run_id
+    (run,) = runs_of(uri)
+    assert run.info.status == "FINISHED" and run.data.tags.get("resumed") == "true"
+    assert "error" not in run.data.tags and run.data.tags["owner_pid"] != str(proc.pid)
+    # Steps may repeat where the killed epoch is replayed, but the axis has no gap and reaches the planned end.
+    assert sorted(set(metric_steps(uri, run.info.run_id, "train/loss"))) == list(range(1, 13))
+    assert sorted(set(metric_steps(uri, run.info.run_id, "val/top1"))) == [4, 8, 12]
+    history = json.loads((run_dir / "checkpoints" / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("epoch*.ckpt")) == ["epoch0002.ckpt",
+                                                                                     "epoch0003.ckpt"]
+    # The optimizer's step counter, which indexes the per-iteration lr, came back from the checkpoint too.
+    import mindspore as ms
+
+    state = ms.load_checkpoint(str(run_dir / "checkpoints" / "epoch0003.ckpt"))
+    assert state["global_step"].asnumpy().item() == 12 and state["epoch"].asnumpy().item() == 3

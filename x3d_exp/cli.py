@@ -1,0 +1,114 @@
+"""The command line: the one place that reads Hydra's global state and turns user errors into `error:` lines.
+
+run.py calls `check_overrides` (a bad override exits with one line before Hydra prints its own 5-15), then
+Hydra calls `main` once per job. `main` reads the job's HydraConfig into a `JobContext` that everything below
+receives as plain values, runs the task (inside msrun when the world size is above 1) and, in a multirun, as a
+child MLflow run of the sweep (x3d_exp.tracking.sweeps).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from x3d_exp.config import JobContext, validate
+from x3d_exp.env import under_msrun
+from x3d_exp.errors import UserError
+from x3d_exp.tasks import DISTRIBUTED_TASKS, task_function
+
+
+def job_context() -> JobContext:
+    """The running job as Hydra describes it; defaults (the current directory) outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return JobContext()
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    return JobContext(output_dir=Path(hydra_cfg.runtime.output_dir),
+                      task_overrides=tuple(hydra_cfg.overrides.task),
+                      hydra_overrides=tuple(hydra_cfg.overrides.hydra),
+                      config_name=str(hydra_cfg.job.config_name),
+                      config_dirs=tuple(str(source.path) for source in hydra_cfg.runtime.config_sources
+                                        if source.provider == "command-line"),
+                      multirun=multirun,
+                      job_num=int(hydra_cfg.job.num) if multirun else 0,
+                      sweep_dir=Path(hydra_cfg.sweep.dir) if multirun else None)
+
+
+def run_task(cfg: DictConfig, job: JobContext):
+    """Validate, run `cfg.task` and print its result as the last stdout line; a user error exits 2 with one line."""
+    try:
+        validate(cfg)
+        world_size = int(cfg.launcher.nproc) * int(cfg.launcher.nnodes)
+        if cfg.task in DISTRIBUTED_TASKS and world_size > 1 and not under_msrun():
+            from x3d_exp.distributed import msrun
+
+            result = msrun.launch(cfg, job)
+        else:
+            result = task_function(cfg.task)(cfg, job)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main(cfg: DictConfig):
+    """Hydra's task function (run.py): one job."""
+    from x3d_exp.tracking.sweeps import run_job
+
+    job = job_context()
+    return run_job(lambda composed: run_task(composed, job), cfg, job)
+
+
+def _one_line(err: Exception) -> str:
+    """Hydra's composition errors as one line naming the override or key (its own messages span 5-15 lines)."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    cause = err.__cause__
+    if isinstance(err, MissingConfigException):
+        missing = re.search(r"Could not find '([^']+)'", str(err))
+        name = missing.group(1) if missing else str(err).splitlines()[0]
+        group, _, option = name.rpartition("/")
+        if group and err.options:
+            return f"{group}={option}: no such option; choose one of {', '.join(sorted(err.options))}"
+        return f"could not find config {name!r}"
+    if isinstance(err, OverrideParseException):
+        return str(err).splitlines()[0] + " (see https://hydra.cc/docs/advanced/override_grammar/basic)"
+    key = getattr(cause, "full_key", None)
+    if key:
+        reason = str(cause).splitlines()[0]
+        if "not in" in reason:
+            return f"{key}: no such key (to add one, write +{key}=...)"
+        override = re.search(r"override (\S+)", str(err))
+        return f"{override.group(1) if override else key}: {reason}"
+    return " ".join(str(err).split())
+
+
+def check_overrides(config_dir: str, config_name: str, argv) -> None:
+    """Compose the run's config once before Hydra does, so a bad override or value exits with one line.
+
+    Runs only for plain single runs: Hydra's flags (-m, --cfg, ...) and hydra.* overrides are left to Hydra.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if any(arg.startswith("-") for arg in argv):
+        return
+    overrides = [arg for arg in argv if not arg.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=config_dir, job_name="check"):
+            validate(compose(config_name, overrides=overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

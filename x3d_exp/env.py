@@ -1,0 +1,47 @@
+"""Every contract with the process environment, in one place. Imports nothing but the standard library.
+
+`prepare_process` must run before MindSpore runs its first CPU kernel. `ONEDNN_MAX_CPU_ISA`: oneDNN's AVX-512
+code paths run every Conv3d with a kernel larger than 1 (X3D's stem 1x3x3 conv among them) as its reference
+implementation, about 100x slower than its AVX2 GEMM path on AMD EPYC (docs/performance.md). oneDNN reads the
+variable when it creates its first primitive, so setting it in `os.environ`, even after `import mindspore`, is
+enough. A value the user exported wins.
+
+`OMP_WAIT_POLICY` is left alone: our C++ kernels (x3d_exp.kernels) use their own sleeping thread pool instead of
+OpenMP, whose spinning workers starved MindSpore's thread pool unless the variable was exported before Python
+started.
+"""
+
+import os
+import signal
+from pathlib import Path
+
+DEFAULT_ONEDNN_ISA = "AVX2"
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def prepare_process() -> None:
+    """Cap oneDNN at AVX2 (unless already set), quieten MindSpore's C++ logging, make SIGTERM an interrupt."""
+    os.environ.setdefault("ONEDNN_MAX_CPU_ISA", DEFAULT_ONEDNN_ISA)
+    # MindSpore's C++ logging otherwise floods stderr with warnings on every run.
+    os.environ.setdefault("GLOG_v", "3")
+    # MindSpore answers Ctrl+C by sending the process SIGTERM, which kills Python without unwinding; turning it
+    # into KeyboardInterrupt lets the MLflow run be closed as FAILED (msrun and Slurm stop jobs with SIGTERM too).
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def cache_root() -> Path:
+    """Where generated data and compiled kernels are kept: X3D_EXP_CACHE, else $XDG_CACHE_HOME/x3d_exp, else
+    ~/.cache/x3d_exp. The config resolver ${x3d_cache:NAME} uses it too, so YAML and code agree."""
+    root = os.environ.get("X3D_EXP_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "x3d_exp"
+
+
+def under_msrun() -> bool:
+    """True in the processes msrun starts (its ranks and its scheduler)."""
+    return os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED")

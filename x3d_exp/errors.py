@@ -1,0 +1,36 @@
+"""The errors a user can cause. `cli.main` prints any `UserError` as one `error:` line and exits with status 2.
+
+The ValueError bases are kept so callers that caught the old standalone classes still catch them.
+"""
+
+
+class UserError(Exception):
+    """Caused by the user's input; the message is one line naming the key, file or line."""
+
+
+class ConfigError(UserError, ValueError):
+    """A value in the composed config; the message names the key."""
+
+
+class FactorError(UserError, ValueError):
+    """An expansion factor or derived size that cannot build a network."""
+
+
+class DataError(UserError):
+    """A data problem: the message names the file and line, the path or the config key."""
+
+
+class WeightsError(UserError, ValueError):
+    """A checkpoint that cannot be converted or loaded; the message names the key."""
+
+
+class CheckpointError(UserError, ValueError):
+    """The file is not a PyTorch checkpoint this reader understands."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The pickle names a global outside the allow-list (it may try to run code)."""
+
+
+class LaunchError(UserError):
+    """The distributed run failed or timed out; the message names the failing rank's log."""

@@ -1,0 +1,122 @@
+"""`task=train` and `task=test`: the engine wired to the data, the MLflow run and the ranks of a data-parallel run."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from mindspore import nn
+from omegaconf import DictConfig
+
+from x3d_exp.config import JobContext, input_sizes
+from x3d_exp.data import build_loader
+from x3d_exp.distributed import RESULT_FILE, SINGLE, Dist, check_replicas, join
+from x3d_exp.engine.build import build_network, build_optimizer, setup_context, training_model
+from x3d_exp.engine.callbacks import TrainState, train_callbacks
+from x3d_exp.engine.checkpoint import resolve_resume, restore_best, restore_training_state, write_atomic
+from x3d_exp.engine.evaluate import evaluate
+from x3d_exp.errors import UserError
+from x3d_exp.models.fuse import inference_network
+from x3d_exp.models.summary import count_parameters
+from x3d_exp.tracking import Tracker
+from x3d_exp.tracking.plots import save_plots
+from x3d_exp.weights import load_pretrained
+
+
+def _loaders(cfg: DictConfig, spec, run_dir: Path, splits, dist: Dist = SINGLE):
+    sizes = input_sizes(cfg, spec)
+    return {split: build_loader(cfg.data, split, seed=int(cfg.seed), bad_log_dir=str(run_dir / "bad_videos"),
+                                shard_id=dist.rank, num_shards=dist.world_size, **sizes) for split in splits}
+
+
+def _leave_result(result: dict, out_dir: Path, dist: Dist) -> None:
+    """Rank 0's result for the msrun launcher, which prints it (x3d_exp.distributed.msrun)."""
+    if dist.world_size > 1 and dist.is_main:
+        write_atomic(out_dir / RESULT_FILE, json.dumps(result))
+
+
+def task_train(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
+    started = time.time()
+    train_dir, resume_from = resolve_resume(cfg.resume, job.output_dir)
+    device = setup_context(cfg)
+    dist = join(device)
+    network = build_network(cfg, device)
+    with Tracker(cfg, train_dir, job, resume=resume_from is not None, active=dist.is_main) as tracker:
+        loaders = _loaders(cfg, network.spec, train_dir, ("train", "val", "test"), dist)
+        if cfg.ckpt and resume_from is None:
+            skipped = load_pretrained(network, cfg.ckpt)
+            if skipped:
+                print(f"ckpt={cfg.ckpt}: loaded all but {', '.join(skipped)} (class count differs)")
+        if resume_from is None:
+            tracker.log_model(network, input_sizes(cfg, network.spec))
+            tracker.log_params({"world_size": dist.world_size})
+        train = loaders["train"]
+        optimizer, rates = build_optimizer(cfg, network, train.steps_per_epoch, dist.world_size)
+        model = training_model(cfg, network, optimizer, device)
+        start = None
+        if resume_from is not None:
+            start = restore_training_state(model.train_network, resume_from)
+            print(f"resumed from {resume_from} at epoch {start['epoch']}, step {start['step']}")
+        first_epoch = int(start["epoch"]) if start else 0
+        if first_epoch >= cfg.trainer.epochs:
+            raise UserError(f"resume={cfg.resume}: {resume_from} is already at epoch {first_epoch} of "
+                            f"trainer.epochs={cfg.trainer.epochs}")
+        train.set_epoch(first_epoch)
+        # Its own pipeline: the training one is mid-iteration inside Model.train when the statistics are taken.
+        bn_loader = (_loaders(cfg, network.spec, train_dir, ("train",), dist)["train"]
+                     if cfg.trainer.precise_bn_batches else None)
+        state = TrainState.start(cfg, train.steps_per_epoch, train_dir, start, dist)
+        callbacks = train_callbacks(state, tracker, network, rates, loaders["val"], loaders.values(), bn_loader)
+        model.train(int(cfg.trainer.epochs), train.dataset, callbacks=callbacks, dataset_sink_mode=False,
+                    initial_epoch=first_epoch)
+        check_replicas(model.train_network, dist, train_dir)
+        restore_best(network, state.best_weights, state.ckpt_dir)
+        result = _test_and_record(cfg, network, loaders["test"], tracker, train_dir, state.history, dist)
+        tracker.log_artifact(state.best_path, "checkpoints")
+        if state.last_paths:
+            tracker.log_artifact(state.last_paths[-1], "checkpoints")
+        result.update(task="train", run_id=tracker.run_id, val_top1=state.best_top1,
+                      epochs=int(cfg.trainer.epochs), seconds=round(time.time() - started, 1))
+        _leave_result(result, train_dir, dist)
+    return result
+
+
+def _test_and_record(cfg, network, test_loader, tracker, run_dir, history, dist: Dist = SINGLE,
+                     scorer: Optional[nn.Cell] = None) -> dict:
+    metrics = evaluate(scorer or network, test_loader, int(cfg.data.num_classes), cfg, "test", dist)
+    bad = int(round(dist.all_reduce_sum(np.array([len(test_loader.bad_videos())]))[0]))
+    tracker.log_metrics({"test/top1": metrics["top1"], "test/top5": metrics["top5"], "test/loss": metrics["loss"],
+                         "data/bad_videos_test": bad}, None)
+    if dist.is_main:
+        plots = save_plots(history, metrics["per_class"], test_loader.class_names, run_dir / "plots")
+        for plot in plots:
+            tracker.log_artifact(plot, "plots")
+        per_class_path = run_dir / "per_class_accuracy.json"
+        per_class_path.write_text(json.dumps(dict(zip(test_loader.class_names, metrics["per_class"])), indent=1))
+        tracker.log_artifact(per_class_path, None)
+    return {"model": cfg.model.name, "params": count_parameters(network), "test_top1": metrics["top1"],
+            "test_top5": metrics["top5"], "test_videos": metrics["videos"], "world_size": dist.world_size}
+
+
+def task_test(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
+    started = time.time()
+    run_dir = job.output_dir
+    device = setup_context(cfg)
+    dist = join(device)
+    network = build_network(cfg, device)
+    with Tracker(cfg, run_dir, job, active=dist.is_main) as tracker:
+        skipped = load_pretrained(network, cfg.ckpt)
+        if skipped:
+            raise UserError(f"ckpt={cfg.ckpt}: its head does not fit data.num_classes={cfg.data.num_classes}")
+        loaders = _loaders(cfg, network.spec, run_dir, ("test",), dist)
+        tracker.log_model(network, input_sizes(cfg, network.spec))
+        tracker.log_params({"world_size": dist.world_size})
+        result = _test_and_record(cfg, network, loaders["test"], tracker, run_dir, [], dist,
+                                  scorer=inference_network(network))
+        result.update(task="test", run_id=tracker.run_id, val_top1=None, epochs=0,
+                      seconds=round(time.time() - started, 1))
+        _leave_result(result, run_dir, dist)
+    return result
