@@ -6,6 +6,7 @@ import pytest
 
 from tests.cli_helpers import final_json, run_cli, runs_of, store_uri
 
+
 @pytest.mark.parametrize("overrides, named", [
     (["model=x3d_q"], "model=x3d_q"),
     (["optim.lr=-0.1"], "optim.lr"),

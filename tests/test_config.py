@@ -32,8 +32,8 @@ def test_kinetics_preset_is_pyslowfasts_recipe_and_yields_to_the_command_line():
     network = build_model("x3d_xs", num_classes=4)
     cfg = compose_config("experiment=pyslowfast_kinetics", "model=x3d_m", "data.root=/data/k400")
     validate(cfg)
-    assert (cfg.model.name, cfg.data.name, cfg.launcher.name, cfg.optim.name) == ("x3d_m", "k400",
-                                                                                 "distributed_gpu", "sgd")
+    assert (cfg.model.name, cfg.data.name, cfg.launcher.name, cfg.optim.name) == (
+        "x3d_m", "k400", "distributed_gpu", "sgd")
     assert cfg.data.batch_size * cfg.launcher.nproc == 128 and cfg.trainer.epochs == 300
     assert (cfg.data.test_num_clips, cfg.data.test_num_crops) == (10, 3)
     _, rates = build_optimizer(cfg, network, steps_per_epoch=10, world_size=cfg.launcher.nproc)

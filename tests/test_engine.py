@@ -9,6 +9,7 @@ import pytest
 
 from tests.cli_helpers import compose_config
 
+
 def test_resume_auto_in_a_new_run_dir_names_the_newest_unfinished_run(tmp_path, capsys):
     from x3d_exp.engine.checkpoint import resolve_resume
 

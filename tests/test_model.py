@@ -46,7 +46,10 @@ def test_traced_counts_equal_counts_hooked_on_a_real_forward():
     shape = [3, 3, 70, 50]  # odd sizes exercise the stride arithmetic
     traced = trace_network(net, shape)
     hooked = count_network(net, shape)
-    as_rows = lambda count: sorted((l.name, l.out_shape, l.macs, l.params) for l in count.layers)
+
+    def as_rows(count):
+        return sorted((layer.name, layer.out_shape, layer.macs, layer.params) for layer in count.layers)
+
     assert as_rows(traced) == as_rows(hooked)
     assert len(traced.layers) > 50
 

@@ -15,6 +15,7 @@ import pytest
 
 from tests.cli_helpers import REPO, TINY, cli_env, run_cli, runs_of, store_uri
 
+
 def test_only_runs_whose_process_is_gone_from_this_host_are_closed_killed(tmp_path):
     from mlflow.tracking import MlflowClient
     from x3d_exp.tracking.runs import close_orphaned_runs, experiment_id, open_run

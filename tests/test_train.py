@@ -13,6 +13,7 @@ import pytest
 
 from tests.cli_helpers import REPO, TINY, artifact_paths, cli_env, final_json, metric_steps, run_cli, runs_of, store_uri
 
+
 def test_train_run_is_finished_with_params_metrics_and_artifacts(trained):
     work, result, done = trained
     for key in ("task", "run_id", "model", "params", "val_top1", "test_top1", "test_top5", "epochs", "seconds",

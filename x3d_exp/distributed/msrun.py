@@ -1,9 +1,9 @@
 """`launcher=distributed_cpu|distributed_gpu`: run.py starts itself again under MindSpore's msrun.
 
 The process the user started (the launcher) owns the MLflow run and the exit status: it creates the run, hands its
-id to rank 0 (x3d_exp.tracking.ADOPT_ENV), starts msrun with the same overrides and one pinned `hydra.run.dir`, and closes
-the run FINISHED only when msrun reports that every rank exited 0. msrun itself kills all ranks as soon as one
-fails; the launcher stops msrun and everything below it shortly after that (msrun would go on waiting for its
+id to rank 0 (x3d_exp.tracking.ADOPT_ENV), starts msrun with the same overrides and one pinned `hydra.run.dir`, and
+closes the run FINISHED only when msrun reports that every rank exited 0. msrun itself kills all ranks as soon as
+one fails; the launcher stops msrun and everything below it shortly after that (msrun would go on waiting for its
 scheduler) and in any case once `launcher.timeout` seconds have passed, so no failure leaves the command hanging.
 Rank 0 leaves its result in `<run dir>/result.json`, which the launcher returns.
 

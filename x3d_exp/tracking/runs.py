@@ -2,8 +2,8 @@
 
 A run has one owner, the process that created it, which alone closes it FINISHED. An outer process can create
 the run and hand its id to the process that trains through `ADOPT_ENV`: the msrun launcher to rank 0, the sweep
-job wrapper (x3d_exp.tracking.sweeps) to the task. The adopting Tracker logs into that run, marks it FAILED on an error and
-otherwise leaves closing it to the owner, which knows whether every other rank or step succeeded too.
+job wrapper (x3d_exp.tracking.sweeps) to the task. The adopting Tracker logs into that run, marks it FAILED on an
+error and otherwise leaves closing it to the owner, which knows whether every other rank or step succeeded too.
 
 A process killed with SIGKILL (or the OOM killer) cannot close its run. Every run therefore carries its owner's
 host and pid, and whenever a run is opened in an experiment, RUNNING runs there whose owner on this host is gone

@@ -9,12 +9,12 @@ Two pieces, both always on (conf/config.yaml), so ad-hoc sweeps are grouped like
   `top1_vs_gmacs.png` to the parent, closes it (FAILED if any job failed) and exits with status 1 if any job failed.
   Should the multirun itself die (a job's composition error, Ctrl+C), an exit hook still writes the summary and
   closes the parent FAILED.
-- `run_job(task, cfg, job)`, which the CLI's task function calls (x3d_exp.cli). In a multirun job it creates the job's child run
-  (tag `mlflow.parentRunId`), lets the task log into it (tracking.ADOPT_ENV) and closes it. A failing job is
-  recorded and returned as `{"status": "FAILED", "error": ...}` instead of raised: Hydra's BasicSweeper re-raises a
-  failed job's exception after its batch, which skips later batches and on_multirun_end, and the SystemExit of a
-  user error (cli.run_task exits 2) escapes Hydra's run_job altogether, ending the multirun in the middle of a
-  batch. Outside a multirun it only calls the task.
+- `run_job(task, cfg, job)`, which the CLI's task function calls (x3d_exp.cli). In a multirun job it creates the
+  job's child run (tag `mlflow.parentRunId`), lets the task log into it (tracking.ADOPT_ENV) and closes it. A
+  failing job is recorded and returned as `{"status": "FAILED", "error": ...}` instead of raised: Hydra's
+  BasicSweeper re-raises a failed job's exception after its batch, which skips later batches and on_multirun_end,
+  and the SystemExit of a user error (cli.run_task exits 2) escapes Hydra's run_job altogether, ending the multirun
+  in the middle of a batch. Outside a multirun it only calls the task.
 
 Progressive expansion (X3D's search: expand each axis a step, keep the one with the best accuracy per GMAC, repeat)
 fits as a Sweeper plugin (hydra.plugins.sweeper.Sweeper) with this recording unchanged: each round it builds one
@@ -195,7 +195,8 @@ class MlflowSweepCallback(Callback):
         csv = self.sweep_dir / SUMMARY_CSV
         table.to_csv(csv, index=False)
         self.client.log_artifact(parent, str(csv))
-        self.client.log_artifact(parent, str(plot_top1_vs_gmacs(table, self.name, self.sweep_dir / SUMMARY_PLOT, SUMMARY_CSV)))
+        plot = plot_top1_vs_gmacs(table, self.name, self.sweep_dir / SUMMARY_PLOT, SUMMARY_CSV)
+        self.client.log_artifact(parent, str(plot))
         bad = table[table.status != "FINISHED"]
         best = table.test_top1.max() if table.test_top1.notna().any() else math.nan
         metrics = {"sweep/jobs": len(table), "sweep/failed": len(bad)}
