@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.cli_helpers import REPO, TINY, cli_env, final_json, run_cli, runs_of, store_uri
+from tests.cli_helpers import REPO, SHALLOW, TINY, cli_env, final_json, run_cli, runs_of, store_uri
 from x3d_exp.distributed.msrun import STOP_GRACE_S
 
 pytestmark = pytest.mark.slow
@@ -26,9 +26,9 @@ def free_port() -> int:
 
 
 def distributed(work: Path, *extra: str) -> list:
-    return TINY + ["launcher=distributed_cpu", "launcher.nproc=2", f"launcher.master_port={free_port()}",
-                   "trainer.epochs=1", f"hydra.run.dir={work / 'run'}", f"mlflow.tracking_uri={store_uri(work)}",
-                   *extra]
+    return TINY + SHALLOW + ["launcher=distributed_cpu", "launcher.nproc=2", f"launcher.master_port={free_port()}",
+                             "trainer.epochs=1", f"hydra.run.dir={work / 'run'}",
+                             f"mlflow.tracking_uri={store_uri(work)}", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,8 @@ def test_one_finished_mlflow_run_with_world_size_2_and_rank_0_files_only(trained
 def test_test_top1_equals_a_single_process_test_of_the_checkpoint(trained, cache):
     work, result = trained
     single = work / "single"
-    done = run_cli(TINY + ["task=test", f"ckpt={work / 'run' / 'checkpoints' / 'best.ckpt'}",
-                           f"hydra.run.dir={single}", f"mlflow.tracking_uri={store_uri(single)}"],
+    done = run_cli(TINY + SHALLOW + ["task=test", f"ckpt={work / 'run' / 'checkpoints' / 'best.ckpt'}",
+                                     f"hydra.run.dir={single}", f"mlflow.tracking_uri={store_uri(single)}"],
                    cwd=work, cache=cache)
     assert done.returncode == 0, done.stderr[-3000:]
     alone = final_json(done.stdout)
@@ -134,9 +134,9 @@ def test_a_rank_that_dies_fails_the_run_cleanly(tmp_path, cache):
 
 
 def test_the_launcher_timeout_stops_every_rank(tmp_path, cache):
-    # Long enough for the cluster to form (its start-up is bounded by the same timeout), shorter than 3 epochs.
+    # Long enough for the cluster to form (its start-up is bounded by the same timeout), far shorter than 50 epochs.
     started = time.time()
-    proc, tree = _start(tmp_path, cache, "launcher.timeout=30", "trainer.epochs=3")
+    proc, tree = _start(tmp_path, cache, "launcher.timeout=30", "trainer.epochs=50")
     _, err = proc.communicate(timeout=300)
     # The timeout, then at most the grace period msrun and the ranks get before SIGKILL, then closing the run.
     assert time.time() - started < 30 + STOP_GRACE_S + 30
