@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from tests.cli_helpers import REPO, TINY, cli_env, run_cli, runs_of, store_uri
+from tests.cli_helpers import REPO, SHALLOW, TINY, cli_env, run_cli, runs_of, store_uri
 
 
 def test_only_runs_whose_process_is_gone_from_this_host_are_closed_killed(tmp_path):
@@ -46,7 +46,7 @@ def test_a_run_that_fails_is_marked_failed(cache, tmp_path):
 def test_an_interrupted_run_is_marked_failed(cache, tmp_path):
     uri = store_uri(tmp_path)
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *TINY, "trainer.epochs=50",
+    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *TINY, *SHALLOW, "trainer.epochs=50",
                              f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri={uri}"],
                             cwd=tmp_path, env=cli_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from tests.cli_helpers import REPO, TINY, artifact_paths, cli_env, final_json, metric_steps, run_cli, runs_of, store_uri
+from tests.cli_helpers import (REPO, SHALLOW, TINY, artifact_paths, cli_env, final_json, metric_steps, run_cli, runs_of,
+                               store_uri)
 
 
 def test_train_run_is_finished_with_params_metrics_and_artifacts(trained):
@@ -69,7 +70,7 @@ def test_test_task_on_the_best_checkpoint_reproduces_the_final_test(trained, cac
 def test_resume_after_kill_finishes_the_planned_epochs_in_the_same_run(cache, tmp_path):
     run_dir = tmp_path / "run"
     uri = store_uri(tmp_path)
-    args = TINY + ["trainer.epochs=3", f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri={uri}"]
+    args = TINY + SHALLOW + ["trainer.epochs=3", f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri={uri}"]
     proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=tmp_path, env=cli_env(cache),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     first = run_dir / "checkpoints" / "epoch0001.ckpt"
