@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -31,6 +35,12 @@ def cli_env(cache: Path) -> dict:
 def run_cli(args: List[str], *, cwd: Path, cache: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=cli_env(cache),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def multirun(work: Path, cache: Path, *args: str, shallow: bool = True) -> subprocess.CompletedProcess:
+    """`run.py -m` with the tiny settings (and the shallow XS unless told), one epoch, sweep dir `work/sweep`."""
+    return run_cli(["-m", *TINY, *(SHALLOW if shallow else []), "trainer.epochs=1", f"hydra.sweep.dir={work / 'sweep'}",
+                    f"mlflow.tracking_uri={store_uri(work)}", *args], cwd=work, cache=cache, timeout=900)
 
 
 def final_json(stdout: str) -> dict:
@@ -79,3 +89,29 @@ def compose_config(*overrides: str, return_hydra_config: bool = False):
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(REPO / "conf"), job_name="test"):
         return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+@contextmanager
+def mlflow_server(uri: str, cwd: Path):
+    """A real `mlflow server` on a free loopback port over the store `uri`; yields its base URL once it answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.time() < deadline, "mlflow server did not come up"
+                time.sleep(0.5)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

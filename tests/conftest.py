@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.cli_helpers import TINY, compose_config, final_json, run_cli, store_uri  # noqa: E402
+from tests.cli_helpers import TINY, compose_config, final_json, multirun, run_cli, store_uri  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +33,17 @@ def trained(tmp_path_factory, cache):
     """One finished 2-epoch training run through the real CLI, shared by the tests that inspect what it left."""
     work = tmp_path_factory.mktemp("train")
     done = run_cli(TINY + ["trainer.epochs=2", "schedule.warmup_epochs=1", "trainer.precise_bn_batches=2",
+                           "mlflow.system_metrics=true", "mlflow.system_metrics_interval=1",
                            f"hydra.run.dir={work / 'run'}", f"mlflow.tracking_uri={store_uri(work)}"],
                    cwd=work, cache=cache)
     assert done.returncode == 0, done.stderr[-3000:]
     return work, final_json(done.stdout), done
+
+
+@pytest.fixture(scope="session")
+def expansion(tmp_path_factory, cache):
+    """A finished 4-job expand_one_axis sweep (base, gamma_t, gamma_w, gamma_b) through the real CLI."""
+    work = tmp_path_factory.mktemp("expand")
+    done = multirun(work, cache, "+sweep=expand_one_axis", "+expand=base,gamma_t,gamma_w,gamma_b")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return work, done

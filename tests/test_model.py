@@ -76,7 +76,7 @@ def test_round_width_rule():
 
 
 def test_structure_channelwise_convs_bn_and_se_placement():
-    net = build_model("x3d_xs")
+    net = build_model("x3d_xs", conv_impl="native")
     stem = net.stem
     assert isinstance(stem, X3DStem)
     assert stem.conv_xy.weight.shape == (24, 3, 1, 3, 3)
@@ -169,3 +169,37 @@ def test_bad_factors_fail_with_the_key_named(overrides, key):
 def test_unknown_variant_lists_the_choices():
     with pytest.raises(FactorError, match="x3d_m"):
         build_model("x3d_q")
+
+
+def test_the_public_build_model_runs_on_the_cpu_kernels_by_default():
+    """`from x3d_exp import build_model; build_model("x3d_xs")` is the documented API: with MindSpore on the CPU it
+    must pick the C++ kernels, not MindSpore's per-channel Conv3d (which took >15 min for one XS step)."""
+    from x3d_exp.kernels.ops import BatchNormAct3d, ChannelwiseConv3d
+
+    assert ms.get_context("device_target") == "CPU"
+    net = build_model("x3d_xs", num_classes=400)
+    cells = [cell for _, cell in net.cells_and_names()]
+    assert net.spec.conv_impl == "custom"
+    # One channelwise conv in the stem and one per block (XS: 3 + 5 + 11 + 7 blocks), none of them nn.Conv3d.
+    assert sum(isinstance(cell, ChannelwiseConv3d) for cell in cells) == 1 + sum(net.spec.stage_depths) == 27
+    assert not [cell for cell in cells if isinstance(cell, nn.Conv3d) and cell.group > 1]
+    assert any(isinstance(cell, BatchNormAct3d) for cell in cells)
+    # Asked for, MindSpore's own layers are still there, with the same parameter names.
+    native = build_model("x3d_xs", num_classes=400, conv_impl="native")
+    assert native.spec.conv_impl == "native" and native.stem.conv_t.group == 24
+    assert sorted(p.name for p in native.get_parameters()) == sorted(p.name for p in net.get_parameters())
+
+
+@pytest.mark.parametrize("order, warned", [("import x3d_exp; import mindspore", False),
+                                           ("import mindspore; import x3d_exp", True)])
+def test_importing_the_package_gives_the_process_set_up_and_says_when_mindspore_came_first(order, warned):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+    code = f"{order}; import os; print(os.environ['ONEDNN_MAX_CPU_ISA'])"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "AVX2"
+    assert ("import x3d_exp first, or export ONEDNN_MAX_CPU_ISA=AVX2" in done.stderr) == warned, done.stderr[-2000:]

@@ -7,20 +7,15 @@ import math
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
-from tests.cli_helpers import SHALLOW, TINY, artifact_paths, compose_config, metric_steps, run_cli, store_uri
+from tests.cli_helpers import artifact_paths, compose_config, metric_steps, multirun, store_uri
 from x3d_exp.config import FACTORS
 from x3d_exp.models import VARIANTS, X3DSpec
 
 
 # X3D-XS's factors as the model defines them, in the sweep's axis order.
 XS = {k: float(getattr(X3DSpec(**VARIANTS["x3d_xs"]), k)) for k in FACTORS}
-
-
-def multirun(work, cache, *args, shallow=True):
-    done = run_cli(["-m", *TINY, *(SHALLOW if shallow else []), "trainer.epochs=1", f"hydra.sweep.dir={work / 'sweep'}",
-                    f"mlflow.tracking_uri={store_uri(work)}", *args], cwd=work, cache=cache, timeout=900)
-    return done
 
 
 def parent_and_children(work):
@@ -39,14 +34,6 @@ def summary(work, parent):
     png = (work / "sweep" / "top1_vs_gmacs.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     return pd.read_csv(work / "sweep" / "sweep_summary.csv", keep_default_na=False)
-
-
-@pytest.fixture(scope="module")
-def expansion(tmp_path_factory, cache):
-    work = tmp_path_factory.mktemp("expand")
-    done = multirun(work, cache, "+sweep=expand_one_axis", "+expand=base,gamma_t,gamma_w,gamma_b")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return work, done
 
 
 def test_expansion_sweep_is_one_parent_with_four_finished_children(expansion):
@@ -80,6 +67,9 @@ def test_summary_table_and_plot_are_parent_artifacts(expansion):
     assert list(table.job) == [0, 1, 2, 3] and set(table.status) == {"FINISHED"}
     assert list(table.changed) == ["(base)", "gamma_t=8.0", "gamma_w=2.0", "gamma_b=4.5"]
     assert list(table.run_id) == [c.info.run_id for c in children]
+    # Each child is named after what it changes, so the MLflow run list reads as the sweep.
+    names = [f"{job}: {changed}" for job, changed in zip(table.job, table.changed)]
+    assert [c.info.run_name for c in children] == names
     base, _, wide, _ = table.itertuples()
     assert wide.params > base.params and wide.gmacs > base.gmacs
     assert all(0 <= t <= 1 for t in table.test_top1) and all(0 <= v <= 1 for v in table.val_top1)
@@ -143,3 +133,25 @@ def test_slurm_launcher_config_composes():
     launcher = _compose("hydra/launcher=slurm", "hydra.launcher.partition=gpu").hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.partition == "gpu" and launcher.tasks_per_node == 1 and launcher.nodes == 1
+
+
+def test_optuna_search_is_one_parent_with_a_child_per_trial_and_the_best_on_the_parent(tmp_path, cache):
+    # The sweep's own search space and sampler; only the trial count is cut.
+    done = multirun(tmp_path, cache, "+sweep=hparams_optuna", "hydra.sweeper.n_trials=3")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    parent, children = parent_and_children(tmp_path)
+    assert parent.info.status == "FINISHED" and parent.data.tags["sweep"] == "hparams_optuna"
+    assert [c.info.status for c in children] == ["FINISHED"] * 3
+    # Each trial drew its own lr, weight decay and warmup from the search space.
+    drawn = [(float(c.data.params["optim.lr"]), float(c.data.params["optim.weight_decay"]),
+              float(c.data.params["schedule.warmup_epochs"])) for c in children]
+    assert len(set(drawn)) == 3
+    assert all(0.005 <= lr <= 0.2 and 1e-6 <= wd <= 1e-3 and warmup in (0, 1, 2, 3) for lr, wd, warmup in drawn)
+    # The objective the sweeper got is each job's best val top-1, and the parent names the best trial.
+    client = MlflowClient(store_uri(tmp_path))
+    best_val = {c.info.run_id: max(m.value for m in client.get_metric_history(c.info.run_id, "val/top1"))
+                for c in children}
+    winner = parent.data.tags["sweep.best_run_id"]
+    assert best_val[winner] == max(best_val.values()) == pytest.approx(parent.data.metrics["sweep/best_val_top1"])
+    optuna_result = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
+    assert optuna_result.best_value == pytest.approx(max(best_val.values()))

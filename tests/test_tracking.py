@@ -10,10 +10,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import REPO, SHALLOW, TINY, cli_env, run_cli, runs_of, store_uri
+from tests.cli_helpers import REPO, SHALLOW, TINY, cli_env, mlflow_server, run_cli, runs_of, store_uri
 
 
 def test_only_runs_whose_process_is_gone_from_this_host_are_closed_killed(tmp_path):
@@ -59,39 +60,61 @@ def test_an_interrupted_run_is_marked_failed(cache, tmp_path):
     assert run.info.status == "FAILED" and "KeyboardInterrupt" in run.data.tags["error"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_mlflow_server_serves_the_run_and_its_test_top1(trained, tmp_path):
     work, result, _ = trained
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store_uri(work),
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert server.poll() is None, server.stderr.read().decode()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/experiments/get-by-name?experiment_name=x3d-exp", timeout=2) as r:
-                    experiment = json.load(r)["experiment"]
-                break
-            except OSError:
-                assert time.time() < deadline, "mlflow server did not come up"
-                time.sleep(0.5)
+    with mlflow_server(store_uri(work), tmp_path) as base:
+        api = f"{base}/api/2.0/mlflow"
+        with urllib.request.urlopen(f"{api}/experiments/get-by-name?experiment_name=x3d-exp", timeout=10) as r:
+            experiment = json.load(r)["experiment"]
         query = json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode()
-        request = urllib.request.Request(f"{base}/runs/search", data=query,
+        request = urllib.request.Request(f"{api}/runs/search", data=query,
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=10) as r:
             runs = json.load(r)["runs"]
-        (run,) = [r for r in runs if r["info"]["run_id"] == result["run_id"]]
-        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-        assert run["info"]["status"] == "FINISHED"
-        assert metrics["test/top1"] == pytest.approx(result["test_top1"])
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    (run,) = [r for r in runs if r["info"]["run_id"] == result["run_id"]]
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert run["info"]["status"] == "FINISHED"
+    assert metrics["test/top1"] == pytest.approx(result["test_top1"])
+
+
+def test_the_run_is_named_for_what_it_is_in_a_model_training_experiment(trained):
+    from mlflow.tracking import MlflowClient
+
+    work, result, _ = trained
+    client = MlflowClient(store_uri(work))
+    experiment = client.get_experiment_by_name("x3d-exp")
+    # MLflow 3's UI opens an experiment with this tag in its model-training view, not the GenAI one.
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_run(result["run_id"]).info.run_name == "x3d_xs synthetic seed0"
+
+
+def test_each_split_is_a_dataset_input_with_the_digest_of_its_annotation(trained):
+    import hashlib
+    from mlflow.tracking import MlflowClient
+
+    work, result, _ = trained
+    inputs = MlflowClient(store_uri(work)).get_run(result["run_id"]).inputs.dataset_inputs
+    by_split = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
+    assert sorted(by_split) == ["test", "train", "val"]
+    for split, dataset in by_split.items():
+        annotation = Path(json.loads(dataset.source)["uri"])
+        assert dataset.name == "synthetic" and dataset.source_type == "local" and split in annotation.name
+        assert dataset.digest == hashlib.sha256(annotation.read_bytes()).hexdigest()[:16]
+
+
+def test_system_metrics_are_sampled_when_asked_for(trained):
+    work, result, _ = trained
+    (run,) = runs_of(store_uri(work))
+    system = {key for key in run.data.metrics if key.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
+
+
+def test_an_experiment_made_without_the_kind_gets_it_back_filled(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from x3d_exp.tracking.runs import experiment_id
+
+    client = MlflowClient(store_uri(tmp_path))
+    made = client.create_experiment("older")
+    assert "mlflow.experimentKind" not in client.get_experiment(made).tags
+    assert experiment_id(client, "older") == made
+    assert client.get_experiment(made).tags["mlflow.experimentKind"] == "custom_model_development"

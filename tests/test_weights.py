@@ -385,7 +385,7 @@ def test_export_mindir_round_trip(tmp_path):
 
     from x3d_exp.models import build_model
 
-    net = build_model("custom", num_classes=5, **TINY)
+    net = build_model("custom", num_classes=5, conv_impl="native", **TINY)
     params = [(p.name, id(p)) for p in net.get_parameters()]
     inputs = np.random.default_rng(0).standard_normal((2, 3, 2, 32, 32)).astype(np.float32)
     path = export_model(net, inputs.shape, str(tmp_path / "tiny"), "MINDIR")
@@ -401,7 +401,7 @@ def test_export_onnx_round_trip(tmp_path):
     pytest.importorskip("onnxruntime")
     from x3d_exp.models import build_model
 
-    net = build_model("custom", num_classes=5, **TINY)
+    net = build_model("custom", num_classes=5, conv_impl="native", **TINY)
     inputs = np.random.default_rng(1).standard_normal((1, 3, 2, 32, 32)).astype(np.float32)
     path = export_model(net, inputs.shape, str(tmp_path / "tiny.onnx"), "ONNX")
     diff, _ = verify_export(net, path, inputs)
@@ -427,3 +427,12 @@ def test_task_export_from_converted_checkpoint(tmp_path):
     assert result["input_shape"] == [1, 3, 2, 32, 32] and result["max_abs_diff"] <= TOLERANCE
     with pytest.raises(UserError, match="export.format=PNG"):
         task_export(compose(*small, export={"format": "PNG"}))
+
+
+def test_exporting_a_network_on_the_cpu_kernels_says_how_to_export_it(tmp_path):
+    from x3d_exp.models import build_model
+
+    net = build_model("custom", num_classes=5, conv_impl="custom", **TINY)
+    with pytest.raises(WeightsError, match="build it with conv_impl='native' to export"):
+        export_model(net, (1, 3, 2, 32, 32), str(tmp_path / "tiny"), "MINDIR")
+    assert os.listdir(tmp_path) == []

@@ -60,11 +60,17 @@ def run_task(cfg: DictConfig, job: JobContext):
 
 
 def main(cfg: DictConfig):
-    """Hydra's task function (run.py): one job."""
+    """Hydra's task function (run.py): one job. Returns its result, or with `sweep.optimized_metric` set (an
+    Optuna sweep, say) that value of the result as the objective, NaN when the job failed."""
     from x3d_exp.tracking.sweeps import run_job
 
     job = job_context()
-    return run_job(lambda composed: run_task(composed, job), cfg, job)
+    outcome = run_job(lambda composed: run_task(composed, job), cfg, job)
+    metric = cfg.sweep.get("optimized_metric")
+    if not metric:
+        return outcome
+    value = (outcome or {}).get(metric)
+    return float("nan") if value is None else float(value)
 
 
 def _one_line(err: Exception) -> str:

@@ -102,6 +102,9 @@ class MlflowConfig:
     experiment_name: str = "x3d-exp"
     run_name: Optional[str] = None
     enabled: bool = True
+    # MLflow's own CPU, memory, disk, network (and GPU where present) sampling, as system/* metrics.
+    system_metrics: bool = False
+    system_metrics_interval: float = 10.0
 
 
 @dataclass

@@ -13,6 +13,8 @@ started.
 
 import os
 import signal
+import sys
+import warnings
 from pathlib import Path
 
 DEFAULT_ONEDNN_ISA = "AVX2"
@@ -22,11 +24,22 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 
-def prepare_process() -> None:
-    """Cap oneDNN at AVX2 (unless already set), quieten MindSpore's C++ logging, make SIGTERM an interrupt."""
+def configure_environment() -> None:
+    """Cap oneDNN at AVX2 (unless already set) and quieten MindSpore's C++ logging. Runs on `import x3d_exp`, so a
+    library user gets the same fast convolutions as run.py; says once, with the fix, when MindSpore came first."""
+    if "ONEDNN_MAX_CPU_ISA" not in os.environ and "mindspore" in sys.modules:
+        warnings.warn("mindspore was imported before x3d_exp: if it has already run a convolution, oneDNN ignores "
+                      f"ONEDNN_MAX_CPU_ISA={DEFAULT_ONEDNN_ISA} and X3D's convolutions can run ~100x slower; import "
+                      f"x3d_exp first, or export ONEDNN_MAX_CPU_ISA={DEFAULT_ONEDNN_ISA}", RuntimeWarning,
+                      stacklevel=3)
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", DEFAULT_ONEDNN_ISA)
     # MindSpore's C++ logging otherwise floods stderr with warnings on every run.
     os.environ.setdefault("GLOG_v", "3")
+
+
+def prepare_process() -> None:
+    """`configure_environment`, and SIGTERM made an interrupt: for processes x3d_exp owns (run.py, its ranks)."""
+    configure_environment()
     # MindSpore answers Ctrl+C by sending the process SIGTERM, which kills Python without unwinding; turning it
     # into KeyboardInterrupt lets the MLflow run be closed as FAILED (msrun and Slurm stop jobs with SIGTERM too).
     if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:

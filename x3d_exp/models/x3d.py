@@ -319,7 +319,8 @@ class X3DSpec:
     head_inner_width: Optional[int] = None
     head_width: int = HEAD_WIDTH
     dropout: float = 0.5
-    conv_impl: str = "native"
+    # "auto": the CPU kernels when MindSpore runs on the CPU and they build here, else nn.Conv3d (x3d_exp.kernels).
+    conv_impl: str = "auto"
     derived: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -367,6 +368,12 @@ class X3DSpec:
             raise FactorError("model.stage_widths, model.inner_widths and model.stage_depths must have equal length")
         if not 0 <= self.dropout < 1:
             raise FactorError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.conv_impl == "auto":
+            # Resolved here, so the built network records the backend it really uses (fuse.inference_network
+            # reads it). MindSpore's own channelwise Conv3d runs one oneDNN call per channel on the CPU.
+            import mindspore as ms
+
+            self.conv_impl = kernels.resolve_cpu_kernels("auto", ms.get_context("device_target"))
 
     @property
     def input_shape(self):
@@ -411,7 +418,8 @@ def build_model(name: str = "custom", num_classes: int = 400, **overrides) -> X3
     """`build_model("x3d_m", num_classes=400, gamma_w=1.5)` -> an `nn.Cell`.
 
     `name` is a published variant (see VARIANTS) or "custom" (X2D factors as the start).
-    Keyword arguments override any field of `X3DSpec`.
+    Keyword arguments override any field of `X3DSpec`. `conv_impl` defaults to "auto", the fast path: on the
+    CPU the C++ kernels (x3d_exp.kernels), elsewhere MindSpore's layers; "native" forces MindSpore's layers.
     """
     if name != "custom" and name not in VARIANTS:
         raise FactorError(f"unknown model {name!r}; choose from {', '.join(sorted(VARIANTS))} or 'custom'")

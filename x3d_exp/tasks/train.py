@@ -53,6 +53,7 @@ def task_train(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
         if resume_from is None:
             tracker.log_model(network, input_sizes(cfg, network.spec))
             tracker.log_params({"world_size": dist.world_size})
+            tracker.log_datasets(cfg.data.name, loaders)
         train = loaders["train"]
         optimizer, rates = build_optimizer(cfg, network, train.steps_per_epoch, dist.world_size)
         model = training_model(cfg, network, optimizer, device)
@@ -114,6 +115,7 @@ def task_test(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
         loaders = _loaders(cfg, network.spec, run_dir, ("test",), dist)
         tracker.log_model(network, input_sizes(cfg, network.spec))
         tracker.log_params({"world_size": dist.world_size})
+        tracker.log_datasets(cfg.data.name, loaders)
         result = _test_and_record(cfg, network, loaders["test"], tracker, run_dir, [], dist,
                                   scorer=inference_network(network))
         result.update(task="test", run_id=tracker.run_id, val_top1=None, epochs=0,

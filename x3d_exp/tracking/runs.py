@@ -28,6 +28,9 @@ from x3d_exp.config import JobContext, flatten
 log = logging.getLogger("x3d_exp.tracking")
 MLFLOW_PARAM_LIMIT = 6000
 ADOPT_ENV = "X3D_EXP_MLFLOW_RUN_ID"
+# MLflow 3's UI picks the experiment's view (model training or GenAI) from this tag, guessing when it is absent.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 def git_commit() -> Optional[str]:
@@ -47,6 +50,15 @@ def display_uri(uri: str) -> str:
     return uri
 
 
+def view_command(client: MlflowClient, tracking_uri: str, run_id: str) -> str:
+    """How to see a run: the `mlflow ui` command for the store and the run's page at its default address. MLflow
+    3.17's UI takes its view (GenAI or model training) from a global switch, not from the experiment's tag, so the
+    address selects the model-training view itself."""
+    experiment = client.get_run(run_id).info.experiment_id
+    return (f"mlflow ui --backend-store-uri {display_uri(tracking_uri)}, then open "
+            f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning")
+
+
 def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
     """Every param as a string cut to MLflow's limit; log_batch takes at most 100 at a time."""
     items = [(k, str(v)[:MLFLOW_PARAM_LIMIT]) for k, v in params.items()]
@@ -55,17 +67,28 @@ def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The experiment's id, created if missing; parallel sweep jobs may race to create it, and one wins."""
+    """The experiment's id, created if missing (parallel sweep jobs may race to create it, and one wins), and
+    marked as model training so MLflow 3's UI opens it in that view rather than the GenAI one."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
-    except mlflow.exceptions.MlflowException:
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except mlflow.exceptions.MlflowException:
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older x3d-exp, or by hand
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
+def run_name(cfg: DictConfig) -> str:
+    """What the run is, e.g. `x3d_xs synthetic seed0` (`test x3d_m k400 seed0` for task=test), unless
+    mlflow.run_name gives one."""
+    if cfg.mlflow.run_name:
+        return str(cfg.mlflow.run_name)
+    prefix = "" if cfg.task == "train" else f"{cfg.task} "
+    return f"{prefix}{cfg.model.name} {cfg.data.name} seed{cfg.seed}"
 
 
 def owner_tags() -> dict:
@@ -104,15 +127,15 @@ def close_orphaned_runs(client: MlflowClient, experiment: str) -> list:
     return closed
 
 
-def open_run(client: MlflowClient, experiment_name: str, run_name: Optional[str], tags: dict) -> str:
+def open_run(client: MlflowClient, experiment_name: str, name: Optional[str], tags: dict) -> str:
     """A new RUNNING run owned by this process, after closing the experiment's orphaned runs."""
     experiment = experiment_id(client, experiment_name)
     close_orphaned_runs(client, experiment)
-    return client.create_run(experiment, run_name=run_name, tags={**tags, **owner_tags()}).info.run_id
+    return client.create_run(experiment, run_name=name, tags={**tags, **owner_tags()}).info.run_id
 
 
 def create_run(client: MlflowClient, cfg: DictConfig, run_dir: Path, job: JobContext, tags: Optional[dict] = None,
-               run_name: Optional[str] = None) -> str:
+               name: Optional[str] = None) -> str:
     """A RUNNING run with the standard tags, the flattened config as params and the job's `.hydra/` files."""
     overrides = " ".join(job.task_overrides)
     all_tags = {"task": cfg.task, "model": cfg.model.name, "data": cfg.data.name,
@@ -121,7 +144,7 @@ def create_run(client: MlflowClient, cfg: DictConfig, run_dir: Path, job: JobCon
     if commit:
         all_tags["git_commit"] = commit
     all_tags.update(tags or {})
-    run_id = open_run(client, cfg.mlflow.experiment_name, run_name or cfg.mlflow.run_name, all_tags)
+    run_id = open_run(client, cfg.mlflow.experiment_name, name or run_name(cfg), all_tags)
     log_params(client, run_id, flatten(cfg))
     hydra_dir = job.output_dir / ".hydra"
     if hydra_dir.is_dir():

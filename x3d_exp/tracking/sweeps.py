@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from x3d_exp.config import FACTORS, JobContext, flatten
 from x3d_exp.tracking.plots import plot_top1_vs_gmacs
-from x3d_exp.tracking.runs import ADOPT_ENV, create_run, display_uri, git_commit, log_params, open_run
+from x3d_exp.tracking.runs import ADOPT_ENV, create_run, git_commit, log_params, open_run, view_command
 
 log = logging.getLogger("x3d_exp.tracking.sweeps")
 
@@ -77,7 +77,7 @@ def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig, context: JobCont
         changed = _changed({k: str(v) for k, v in flatten(cfg).items()}, client.get_run(parent).data.params)
         run_id = create_run(client, cfg, context.output_dir, context,
                             tags={"mlflow.parentRunId": parent, "sweep.job": str(job)},
-                            run_name=cfg.mlflow.run_name or f"{job}: {changed or '(base)'}"[:250])
+                            name=cfg.mlflow.run_name or f"{job}: {changed or '(base)'}"[:250])
         os.environ[ADOPT_ENV] = run_id
     outcome = {"status": "FINISHED", "run_id": run_id, "job": job}
     try:
@@ -148,10 +148,12 @@ class MlflowSweepCallback(Callback):
         self.base_params: dict = {}
         self.name = "multirun"
         self.tracking_uri = ""
+        self.optimized_metric: Optional[str] = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         base = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         self.name = str(OmegaConf.select(base, "sweep.name", default=None) or "multirun")
+        self.optimized_metric = OmegaConf.select(base, "sweep.optimized_metric", default=None)
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = str(config.mlflow.tracking_uri)
@@ -202,9 +204,24 @@ class MlflowSweepCallback(Callback):
         metrics = {"sweep/jobs": len(table), "sweep/failed": len(bad)}
         if not math.isnan(best):
             metrics["sweep/best_test_top1"] = float(best)
+        self._record_best(parent, table, metrics)
         for key, value in metrics.items():
             self.client.log_metric(parent, key, value)
         self.client.set_terminated(parent, "FAILED" if aborted or len(bad) else "FINISHED")
         print(f"sweep {self.name}: {len(table) - len(bad)} of {len(table)} jobs finished; summary {csv}; "
-              f"view: mlflow ui --backend-store-uri {display_uri(self.tracking_uri)}", flush=True)
+              f"view: {view_command(self.client, self.tracking_uri, parent)}", flush=True)
         return "; ".join(f"sweep job {r.job} ({r.changed}) failed: {r.error}" for r in bad.itertuples())
+
+    def _record_best(self, parent: str, table, metrics: dict) -> None:
+        """With sweep.optimized_metric (a column of the summary), the best finished job on the parent: its value as
+        sweep/best_<metric>, and its job, run id and changed settings as tags."""
+        metric = self.optimized_metric
+        if not metric or metric not in table.columns:
+            return
+        scored = table[(table.status == "FINISHED") & table[metric].notna()]
+        if scored.empty:
+            return
+        best = scored.loc[scored[metric].astype(float).idxmax()]
+        metrics[f"sweep/best_{metric}"] = float(best[metric])
+        for key, value in {"best_job": best.job, "best_run_id": best.run_id, "best_changed": best.changed}.items():
+            self.client.set_tag(parent, f"sweep.{key}", str(value))

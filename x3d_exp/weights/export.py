@@ -101,6 +101,12 @@ def export_model(network, input_shape: Sequence[int], path: str, fmt: str = "MIN
     """
     import mindspore as ms
 
+    kernel_cells = sorted({type(cell).__name__ for _, cell in network.cells_and_names()
+                           if type(cell).__module__ == "x3d_exp.kernels.ops"})
+    if kernel_cells:
+        # Their Custom ops live in a local .so no other runtime can load.
+        raise WeightsError(f"the network runs on x3d_exp's CPU kernels ({', '.join(kernel_cells)}); build it with "
+                           "conv_impl='native' to export (the weights load unchanged; task=export does this)")
     fmt = fmt.upper()
     if fmt not in EXPORT_FORMATS:
         raise WeightsError(f"export format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")

@@ -1,0 +1,91 @@
+"""The MLflow UI as a user sees it: a real headless Chromium (Debian's `chromium`) against a real `mlflow server`.
+
+Chromium renders MLflow's single-page app with a virtual-time budget, then dumps the DOM (checked here) or takes a
+screenshot. The screenshots are kept in `test-artifacts/mlflow_ui/` (see docs/testing.md).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import urllib.parse
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from tests.cli_helpers import REPO, mlflow_server, store_uri
+
+SCREENSHOTS = REPO / "test-artifacts" / "mlflow_ui"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                  "--virtual-time-budget=25000", "--window-size=1400,1600"]
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, "chromium is not installed: apt-get install -y chromium (the README's test command does)"
+    return found
+
+
+def render(url: str, screenshot: Path) -> str:
+    """The page's DOM after MLflow's app has fetched and drawn everything; a screenshot of it too."""
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    shot = subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--screenshot={screenshot}", url],
+                          capture_output=True, text=True, timeout=180)
+    assert shot.returncode == 0 and screenshot.stat().st_size > 20_000, shot.stderr[-2000:]
+    dom = subprocess.run([chromium(), *CHROMIUM_FLAGS, "--dump-dom", url], capture_output=True, text=True,
+                         timeout=180)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    return dom.stdout
+
+
+def page_url(printed: str) -> str:
+    """The address in a job's `view ...` line, which names MLflow's default port."""
+    found = re.search(r"http://127\.0\.0\.1:5000(/\S+)", printed)
+    assert found, printed[-2000:]
+    return found.group(1)
+
+
+def test_the_sweep_opens_in_the_model_training_view_and_its_children_compare_by_factor(expansion, tmp_path):
+    work, done = expansion
+    client = MlflowClient(store_uri(work))
+    experiment = client.get_experiment_by_name("x3d-exp")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    with mlflow_server(store_uri(work), tmp_path) as base:
+        # The link the sweep printed opens the parent run in the model-training view, not the GenAI one.
+        printed = page_url(done.stdout)
+        assert parent.info.run_id in printed
+        run_page = render(base + printed, SCREENSHOTS / "sweep_parent_run.png")
+        assert parent.info.run_name in run_page
+        assert "Model registry" in run_page and "Judges" not in run_page, "not the model-training view"
+
+        # MLflow's compare page for the children: the factors that differ are the rows marked as differences
+        # (and the axes of its parallel-coordinates plot), and test top-1 is among the metrics.
+        ids = urllib.parse.quote(json.dumps([c.info.run_id for c in children]))
+        compare = render(f"{base}/#/compare-runs?runs={ids}&experiments=%5B%22{experiment.experiment_id}%22%5D"
+                         f"&workflowType=machine_learning", SCREENSHOTS / "sweep_compare_children.png")
+    for child in children:
+        assert child.info.run_name in compare
+    differing = set(re.findall(r'<tr class="diff-row"><th[^>]*>([^<]+)</th>', compare))
+    assert {"model.gamma_t", "model.gamma_w", "model.gamma_b", "model_gmacs"} <= differing, sorted(differing)
+    assert not {"model.gamma_tau", "model.gamma_s", "model.gamma_d", "optim.lr"} & differing, sorted(differing)
+    plotted = re.findall(r'class="axis-title"[^>]*data-unformatted="([^"]+)"', compare)
+    assert {"model.gamma_t", "model.gamma_w", "model.gamma_b"} & set(plotted), plotted
+    assert ">test/top1<" in compare
+
+
+def test_the_run_page_a_training_job_prints_shows_the_run_and_its_datasets(trained, tmp_path):
+    work, result, done = trained
+    with mlflow_server(store_uri(work), tmp_path) as base:
+        printed = page_url(done.stdout)
+        assert result["run_id"] in printed
+        page = render(base + printed, SCREENSHOTS / "train_run.png")
+    assert "x3d_xs synthetic seed0" in page
+    assert "Model registry" in page and "Judges" not in page, "not the model-training view"
+    # The Datasets section: the training split by name and digest (the other two fold into a "+2").
+    inputs = MlflowClient(store_uri(work)).get_run(result["run_id"]).inputs.dataset_inputs
+    (train,) = [i.dataset for i in inputs if any(t.value == "train" for t in i.tags)]
+    assert f"synthetic ({train.digest})" in page
