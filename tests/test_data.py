@@ -372,3 +372,65 @@ def test_synthetic_label_is_in_the_motion_not_in_a_frame(tmp_path):
 
     assert proxy(4, 5) >= 0.9
     assert proxy(1, 3) <= 0.5
+
+
+def test_num_workers_auto_is_one_per_core_and_a_larger_number_is_clamped_with_one_warning(caplog):
+    from x3d_exp.data.loader import MAX_AUTO_WORKERS, resolve_num_workers, usable_cores
+
+    cores = usable_cores()
+    assert resolve_num_workers("auto") == min(cores, MAX_AUTO_WORKERS) >= 1
+    assert resolve_num_workers(0) == 0 and resolve_num_workers(1) == 1
+    with caplog.at_level(logging.WARNING, logger="x3d_exp.data"):
+        assert resolve_num_workers(cores + 61) == cores
+        assert resolve_num_workers(cores + 61) == cores
+    warned = [r.getMessage() for r in caplog.records if "data.num_workers" in r.getMessage()]
+    assert warned == [f"data.num_workers={cores + 61} is more than this machine's {cores} cores: using {cores}"]
+    for bad in (-1, "many", 1.5, True):
+        with pytest.raises(DataError, match=r"data.num_workers=.*must be auto or a whole number >= 0"):
+            resolve_num_workers(bad)
+
+
+def test_a_failure_inside_the_dataset_pipeline_is_one_line_naming_the_file():
+    import mindspore.dataset as ds
+
+    from x3d_exp.data import pipeline_errors
+
+    class Source:
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, index):
+            if index == 3:
+                raise OSError(f"cannot open /data/k400/train/clip_{index}.mp4: Input/output error")
+            return (np.zeros(3, np.float32),)
+
+    # In process: a worker process forked inside pytest aborts while formatting the error (MindSpore 2.10).
+    dataset = ds.GeneratorDataset(Source(), ["x"], shuffle=False).batch(2)
+    with pytest.raises(DataError) as caught:
+        with pipeline_errors("data=k400"):
+            for _ in dataset.create_tuple_iterator():
+                pass
+    assert str(caught.value) == "data=k400: OSError: cannot open /data/k400/train/clip_3.mp4: Input/output error"
+
+
+@pytest.mark.slow
+def test_ucf101_through_the_cli_with_the_groups_own_defaults(tmp_path, cache):
+    """data=ucf101 as a user runs it: the group's batch (8), workers (auto), 101 classes and 10x3 test views, and the
+    model's own clip (X3D-XS, 4 x 160 px); only the epochs are cut. A tiny copy in the official layout."""
+    from tests.cli_helpers import final_json, run_cli, runs_of, store_uri
+
+    classes = [f"Action{k:03d}" for k in range(101)]
+    train = [(f"Action{k:03d}/v_Action{k:03d}_g01_c0{j}.avi", k + 1) for k in range(4) for j in (1, 2)]
+    test = [f"Action{k:03d}/v_Action{k:03d}_g05_c01.avi" for k in range(3)]
+    ucf101(tmp_path / "ucf", classes, train, test)
+    done = run_cli(["data=ucf101", f"data.root={tmp_path / 'ucf'}", "trainer.epochs=1",
+                    f"hydra.run.dir={tmp_path / 'run'}", f"mlflow.tracking_uri={store_uri(tmp_path)}"],
+                   cwd=tmp_path, cache=cache, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = final_json(done.stdout)
+    assert result["test_videos"] == 3 and 0 <= result["test_top1"] <= 1
+    (run,) = runs_of(store_uri(tmp_path))
+    params = run.data.params
+    assert (params["data.batch_size"], params["data.num_workers"], params["data.num_classes"]) == ("8", "auto", "101")
+    assert (params["data.test_num_clips"], params["data.test_num_crops"]) == ("10", "3")
+    assert "num_parallel_workers" not in done.stderr and "Traceback" not in done.stderr

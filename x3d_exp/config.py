@@ -193,7 +193,9 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1", cfg.data.batch_size)
     _require(cfg.data.eval_batch_size is None or cfg.data.eval_batch_size >= 1, "data.eval_batch_size",
              "must be >= 1", cfg.data.eval_batch_size)
-    _require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0", cfg.data.num_workers)
+    workers = cfg.data.num_workers
+    _require(workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0),
+             "data.num_workers", "must be auto or a whole number >= 0", workers)
     _require(cfg.data.num_classes >= 1, "data.num_classes", "must be >= 1", cfg.data.num_classes)
     _require(0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]",
              cfg.data.max_bad_fraction)

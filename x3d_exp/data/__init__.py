@@ -6,7 +6,8 @@ See `build_loader` for the columns of each split, `load_video_views` for single 
 """
 
 from x3d_exp.errors import DataError
-from x3d_exp.data.loader import Loader, build_loader, load_video_views
+from x3d_exp.data.loader import Loader, build_loader, load_video_views, pipeline_errors, resolve_num_workers
 from x3d_exp.data.synthetic import ensure_synthetic
 
-__all__ = ["DataError", "Loader", "build_loader", "ensure_synthetic", "load_video_views"]
+__all__ = ["DataError", "Loader", "build_loader", "ensure_synthetic", "load_video_views", "pipeline_errors",
+           "resolve_num_workers"]

@@ -1,7 +1,7 @@
 """Schema of the `data` config group."""
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 
 @dataclass
@@ -30,7 +30,8 @@ class DataConfig:
     split: int = 1
     batch_size: int = 8
     eval_batch_size: Optional[int] = None
-    num_workers: int = 2
+    # "auto": one decoding process per core, at most 8; a number above the cores is clamped (x3d_exp.data.loader).
+    num_workers: Any = "auto"
     prefetch: int = 2
     target_fps: int = 30
     test_num_clips: int = 10

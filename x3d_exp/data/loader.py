@@ -8,10 +8,13 @@ sampler emits `epoch * num_videos + video`.
 from __future__ import annotations
 
 import atexit
+import logging
 import math
 import os
+import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -28,6 +31,59 @@ from x3d_exp.errors import DataError
 
 # A training slot whose video is bad takes another video; this many bad draws in a row means the data is broken.
 MAX_ATTEMPTS = 20
+# data.num_workers=auto: one decoding process per core, at most PySlowFast's default DATA_LOADER.NUM_WORKERS.
+MAX_AUTO_WORKERS = 8
+
+log = logging.getLogger("x3d_exp.data")
+_clamp_warned = set()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (MindSpore refuses more dataset workers than the machine has)."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(os.cpu_count() or 1, affinity or 1))
+
+
+def resolve_num_workers(setting) -> int:
+    """`data.num_workers`: "auto" is one per usable core, at most 8; a number above the cores is clamped to them,
+    with one warning line per process; 0 decodes in the training process."""
+    cores = usable_cores()
+    if str(setting) == "auto":
+        return min(cores, MAX_AUTO_WORKERS)
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+        raise DataError(f"data.num_workers={setting!r}: must be auto or a whole number >= 0")
+    if setting > cores:
+        if setting not in _clamp_warned:
+            _clamp_warned.add(setting)
+            log.warning("data.num_workers=%d is more than this machine's %d cores: using %d", setting, cores, cores)
+        return cores
+    return setting
+
+
+def _pipeline_message(text: str) -> str:
+    """The user's exception out of MindSpore's multi-section dataset error (it puts it at the end of the Python
+    stack it quotes), else the pipeline's own first message."""
+    raised = re.findall(r"^(\w+(?:Error|Exception|Exit)\b:?.*)$", text, re.MULTILINE)
+    if raised:
+        return raised[-1].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not set(line.strip()) <= {"-"}]
+    return next((line for line in lines if line.startswith("[ERROR]")), lines[0] if lines else text)
+
+
+@contextmanager
+def pipeline_errors(what: str):
+    """Turn a failure of MindSpore's dataset pipeline while `what` runs (building or iterating a loader) into one
+    DataError line; a traceback of C++ and Python stacks tells a user nothing about their data."""
+    try:
+        yield
+    except (RuntimeError, ValueError, TypeError) as err:
+        text = str(err)
+        if not any(marker in text for marker in ("dataset", "Dataset", "num_parallel_workers")):
+            raise
+        message = _pipeline_message(text)
+        if "num_parallel_workers" in text:
+            message = f"data.num_workers: {message}"
+        raise DataError(f"{what}: {message}") from None
 
 
 @dataclass(frozen=True)
@@ -257,7 +313,7 @@ def build_loader(data_cfg, split: str, *, num_frames: int, sampling_rate: int, c
     log_dir = str(bad_log_dir) if bad_log_dir else _default_bad_log_dir()
     badlog = BadVideoLog(os.path.join(log_dir, f"bad_videos_{split}_shard{shard_id}of{num_shards}.jsonl"))
 
-    workers = int(data_cfg.num_workers)
+    workers = resolve_num_workers(data_cfg.num_workers)
     sampler = None
     if training:
         sampler = EpochSampler(len(videos), seed, shard_id, num_shards)
@@ -278,9 +334,11 @@ def build_loader(data_cfg, split: str, *, num_frames: int, sampling_rate: int, c
 
     # Rows buffered ahead between pipeline stages (a global MindSpore setting: the last loader built sets it).
     ds.config.set_prefetch_size(max(1, int(data_cfg.prefetch)) * batch_size)
-    dataset = ds.GeneratorDataset(source, column_names=columns, sampler=sampler, shuffle=None if training else False,
-                                  num_parallel_workers=max(1, workers), python_multiprocessing=workers > 0)
-    dataset = dataset.batch(batch_size, drop_remainder=bool(drop_remainder))
+    with pipeline_errors(f"the {split} loader of {videos.annotation}"):
+        dataset = ds.GeneratorDataset(source, column_names=columns, sampler=sampler,
+                                      shuffle=None if training else False, num_parallel_workers=max(1, workers),
+                                      python_multiprocessing=workers > 0)
+        dataset = dataset.batch(batch_size, drop_remainder=bool(drop_remainder))
     return Loader(dataset, split, num_videos, videos.class_names, badlog, float(data_cfg.max_bad_fraction), sampler,
                   videos.annotation)
 

@@ -12,7 +12,7 @@ from mindspore import nn
 from omegaconf import DictConfig
 
 from x3d_exp.config import JobContext, input_sizes
-from x3d_exp.data import build_loader
+from x3d_exp.data import build_loader, pipeline_errors
 from x3d_exp.distributed import RESULT_FILE, SINGLE, Dist, check_replicas, join
 from x3d_exp.engine.build import build_network, build_optimizer, setup_context, training_model
 from x3d_exp.engine.callbacks import TrainState, train_callbacks
@@ -71,11 +71,13 @@ def task_train(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
                      if cfg.trainer.precise_bn_batches else None)
         state = TrainState.start(cfg, train.steps_per_epoch, train_dir, start, dist)
         callbacks = train_callbacks(state, tracker, network, rates, loaders["val"], loaders.values(), bn_loader)
-        model.train(int(cfg.trainer.epochs), train.dataset, callbacks=callbacks, dataset_sink_mode=False,
-                    initial_epoch=first_epoch)
+        with pipeline_errors(f"data={cfg.data.name}"):
+            model.train(int(cfg.trainer.epochs), train.dataset, callbacks=callbacks, dataset_sink_mode=False,
+                        initial_epoch=first_epoch)
         check_replicas(model.train_network, dist, train_dir)
         restore_best(network, state.best_weights, state.ckpt_dir)
-        result = _test_and_record(cfg, network, loaders["test"], tracker, train_dir, state.history, dist)
+        with pipeline_errors(f"data={cfg.data.name}"):
+            result = _test_and_record(cfg, network, loaders["test"], tracker, train_dir, state.history, dist)
         tracker.log_artifact(state.best_path, "checkpoints")
         if state.last_paths:
             tracker.log_artifact(state.last_paths[-1], "checkpoints")
@@ -116,8 +118,9 @@ def task_test(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
         tracker.log_model(network, input_sizes(cfg, network.spec))
         tracker.log_params({"world_size": dist.world_size})
         tracker.log_datasets(cfg.data.name, loaders)
-        result = _test_and_record(cfg, network, loaders["test"], tracker, run_dir, [], dist,
-                                  scorer=inference_network(network))
+        with pipeline_errors(f"data={cfg.data.name}"):
+            result = _test_and_record(cfg, network, loaders["test"], tracker, run_dir, [], dist,
+                                      scorer=inference_network(network))
         result.update(task="test", run_id=tracker.run_id, val_top1=None, epochs=0,
                       seconds=round(time.time() - started, 1))
         _leave_result(result, run_dir, dist)
