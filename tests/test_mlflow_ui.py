@@ -19,7 +19,7 @@ from tests.cli_helpers import REPO, mlflow_server, store_uri
 
 SCREENSHOTS = REPO / "test-artifacts" / "mlflow_ui"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                  "--virtual-time-budget=25000", "--window-size=1400,1600"]
+                  "--virtual-time-budget=8000", "--window-size=1400,1600"]
 
 
 def chromium() -> str:
