@@ -13,7 +13,7 @@ from typing import Any, List, Optional, Tuple
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from x3d_exp.data.config import DataConfig
+from x3d_exp.data.config import DataConfig, valid_num_workers
 from x3d_exp.env import cache_root
 from x3d_exp.errors import ConfigError
 
@@ -193,9 +193,8 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1", cfg.data.batch_size)
     _require(cfg.data.eval_batch_size is None or cfg.data.eval_batch_size >= 1, "data.eval_batch_size",
              "must be >= 1", cfg.data.eval_batch_size)
-    workers = cfg.data.num_workers
-    _require(workers == "auto" or (isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0),
-             "data.num_workers", "must be auto or a whole number >= 0", workers)
+    _require(valid_num_workers(cfg.data.num_workers), "data.num_workers", "must be auto or a whole number >= 0",
+             cfg.data.num_workers)
     _require(cfg.data.num_classes >= 1, "data.num_classes", "must be >= 1", cfg.data.num_classes)
     _require(0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]",
              cfg.data.max_bad_fraction)

@@ -44,3 +44,8 @@ class DataConfig:
     test_crop_size: Optional[int] = None
     train_scale: Optional[List[int]] = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+def valid_num_workers(value) -> bool:
+    """`data.num_workers` is "auto" or a whole number >= 0 (checked by config.validate and by the loader)."""
+    return value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)

@@ -24,6 +24,7 @@ import numpy as np
 
 from x3d_exp.data.annotations import VideoList, load_split
 from x3d_exp.data.badlog import BadVideoLog
+from x3d_exp.data.config import valid_num_workers
 from x3d_exp.data.transforms import normalise, test_crops, train_crop
 from x3d_exp.data.synthetic import ensure_synthetic
 from x3d_exp.data.video import BadVideo, read_clips
@@ -47,11 +48,11 @@ def usable_cores() -> int:
 def resolve_num_workers(setting) -> int:
     """`data.num_workers`: "auto" is one per usable core, at most 8; a number above the cores is clamped to them,
     with one warning line per process; 0 decodes in the training process."""
-    cores = usable_cores()
-    if str(setting) == "auto":
-        return min(cores, MAX_AUTO_WORKERS)
-    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+    if not valid_num_workers(setting):
         raise DataError(f"data.num_workers={setting!r}: must be auto or a whole number >= 0")
+    cores = usable_cores()
+    if setting == "auto":
+        return min(cores, MAX_AUTO_WORKERS)
     if setting > cores:
         if setting not in _clamp_warned:
             _clamp_warned.add(setting)

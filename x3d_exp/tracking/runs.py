@@ -28,7 +28,8 @@ from x3d_exp.config import JobContext, flatten
 log = logging.getLogger("x3d_exp.tracking")
 MLFLOW_PARAM_LIMIT = 6000
 ADOPT_ENV = "X3D_EXP_MLFLOW_RUN_ID"
-# MLflow 3's UI picks the experiment's view (model training or GenAI) from this tag, guessing when it is absent.
+# The experiment's kind as MLflow 3 records it (model training, not GenAI). MLflow 3.17's UI reads it only when its
+# global GenAI / Model training switch is off, which it never is there: see view_command.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
