@@ -177,6 +177,7 @@ def validate(cfg: DictConfig) -> None:
         for group in ("model", "data"):
             value = cfg[group][name]
             _require(value is None or value >= 1, f"{group}.{name}", "must be >= 1", value)
+    _require(cfg.data.spatial_scale > 0, "data.spatial_scale", "must be > 0", cfg.data.spatial_scale)
     _require(0 <= cfg.model.dropout < 1, "model.dropout", "must be in [0, 1)", cfg.model.dropout)
     _require(cfg.model.cpu_kernels in ("auto", "native", "custom"), "model.cpu_kernels",
              "must be auto, native or custom", cfg.model.cpu_kernels)
@@ -219,12 +220,23 @@ def model_kwargs(cfg: DictConfig) -> dict:
 
 
 def input_sizes(cfg: DictConfig, spec) -> dict:
-    """The clip the loader produces: the model's own sizes (`spec`, an X3DSpec) unless the data group sets them."""
+    """The clip the loader produces: the model's own sizes (`spec`, an X3DSpec), the spatial ones times
+    data.spatial_scale, unless the data group sets them."""
+    scale = float(cfg.data.spatial_scale)
+    derived = {"num_frames": spec.num_frames, "sampling_rate": spec.sampling_rate,
+               "crop_size": max(8, round(spec.crop_size * scale)),
+               "test_crop_size": max(8, round(spec.test_crop_size * scale)),
+               "train_scale": [max(8, round(side * scale)) for side in spec.train_scale]}
     sizes = {}
     for key in CLIP_SIZES:
-        value = cfg.data[key] if cfg.data[key] is not None else getattr(spec, key)
-        sizes[key] = list(value) if key == "train_scale" else int(value)
+        value = cfg.data[key] if cfg.data[key] is not None else derived[key]
+        sizes[key] = [int(v) for v in value] if key == "train_scale" else int(value)
     return sizes
+
+
+def train_clip(sizes: dict) -> list:
+    """[C, T, H, W] of a training clip with these loader sizes."""
+    return [3, sizes["num_frames"], sizes["crop_size"], sizes["crop_size"]]
 
 
 def flatten(cfg: DictConfig) -> dict:

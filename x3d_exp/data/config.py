@@ -12,10 +12,16 @@ class SyntheticConfig:
     train_per_class: int = 48
     val_per_class: int = 8
     test_per_class: int = 8
-    frames: int = 48
-    size: int = 64
+    # 160 frames: X3D-L's span (16 frames x stride 5) with gamma_t expanded once more.
+    frames: int = 160
+    # auto: the short side the clip needs (the largest training scale or test crop), rounded up to a multiple of
+    # 32; each size is generated once into its own folder under data.root.
+    size: Any = "auto"
     fps: int = 30
     seed: int = 0
+    # Per video, drawn from these ranges: the square's side and its speed, as fractions of the frame (per frame).
+    object_size: List[float] = field(default_factory=lambda: [0.5, 0.6])
+    speed: List[float] = field(default_factory=lambda: [0.004, 0.0055])
 
 
 @dataclass
@@ -37,6 +43,10 @@ class DataConfig:
     test_num_clips: int = 10
     test_num_crops: int = 3
     max_bad_fraction: float = 0.05
+    # The clip follows the model: frames, sampling rate and crops derive from its factors (x3d_exp.models.X3DSpec).
+    # spatial_scale multiplies the derived crops and scale jitter (not a size given below), so a cheap proxy task
+    # keeps the model's resolution ratios: 0.4 trains X3D-XS at 64 px and gamma_s=2 at 90 px.
+    spatial_scale: float = 1.0
     # Optional overrides of the model's input sizes (null: take the model's own).
     num_frames: Optional[int] = None
     sampling_rate: Optional[int] = None

@@ -252,9 +252,10 @@ class Loader:
             self._sampler.epoch = epoch
 
 
-def resolve_root(data_cfg) -> Path:
+def resolve_root(data_cfg, min_size: int = 0) -> Path:
+    """The dataset folder; the synthetic set is generated here, with a short side of at least `min_size`."""
     if data_cfg.name == "synthetic":
-        return ensure_synthetic(data_cfg)
+        return ensure_synthetic(data_cfg, min_size)
     if not data_cfg.root:
         raise DataError(f"data.root is not set: point it at your {data_cfg.name} copy (data.root=/path)")
     return Path(str(data_cfg.root)).expanduser()
@@ -298,7 +299,7 @@ def build_loader(data_cfg, split: str, *, num_frames: int, sampling_rate: int, c
     if not 0 <= shard_id < num_shards:
         raise DataError(f"shard_id={shard_id}: must be in [0, num_shards={num_shards})")
     scale = _check_sizes(num_frames, sampling_rate, crop_size, test_crop_size, train_scale)
-    root = resolve_root(data_cfg)
+    root = resolve_root(data_cfg, max(scale[1], int(test_crop_size)))
     videos = load_split(data_cfg.format, root, split, annotation_prefix=data_cfg.annotation_prefix,
                         num_classes=int(data_cfg.num_classes), fold=int(data_cfg.split))
     spec = ClipSpec(int(num_frames), int(sampling_rate), int(crop_size), int(test_crop_size), scale,

@@ -10,6 +10,7 @@ every position is equally likely in every class: one frame says nothing about th
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -28,15 +29,27 @@ CLASSES = ("moving_down", "moving_sideways", "moving_up", "standing_still")
 _DIRECTIONS = {"moving_down": (1, 0), "moving_sideways": (0, 1), "moving_up": (-1, 0), "standing_still": (0, 0)}
 MANIFEST = "synthetic.json"
 # Bump when the rendering or encoding changes, so cached copies are regenerated.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 PREFIX = "synthetic"
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
-def _params(data_cfg) -> dict:
+def auto_size(min_size: int) -> int:
+    """The generated short side for clips that need `min_size` pixels: a multiple of 32, at least 64."""
+    return max(64, math.ceil(min_size / 32) * 32)
+
+
+def _params(data_cfg, min_size: int) -> dict:
     syn = data_cfg.synthetic
-    keys = ("num_classes", "train_per_class", "val_per_class", "test_per_class", "frames", "size", "fps", "seed")
+    keys = ("num_classes", "train_per_class", "val_per_class", "test_per_class", "frames", "fps", "seed")
     params = {key: int(syn[key]) for key in keys}
+    for key in ("object_size", "speed"):
+        low, high = (float(v) for v in syn[key])
+        if not 0 < low <= high <= 1:
+            raise DataError(f"data.synthetic.{key}={[low, high]}: must be [low, high] fractions of the frame, "
+                            f"0 < low <= high <= 1")
+        params[key] = [low, high]
+    params["size"] = auto_size(min_size) if syn.size == "auto" else int(syn.size)
     if not 2 <= params["num_classes"] <= len(CLASSES):
         raise DataError(f"data.synthetic.num_classes={params['num_classes']}: the generator has "
                         f"{len(CLASSES)} motion classes, use 2..{len(CLASSES)}")
@@ -49,43 +62,59 @@ def _params(data_cfg) -> dict:
     return params
 
 
-def render(rng: np.random.Generator, motion: str, frames: int, size: int) -> np.ndarray:
+def render(rng: np.random.Generator, motion: str, frames: int, size: int, object_size=(0.5, 0.6),
+           speed=(0.004, 0.0055)) -> np.ndarray:
     """Frames [F, size, size, 3] uint8 of one video.
 
-    The sizes were tuned with a small 3D CNN standing in for X3D (see the README's data section):
-    a square covering about half the frame, a coarse texture (blocks of size/8) and 1.5-2 px per frame, i.e.
-    3-4 px between the frames of a sampling-rate-2 clip, less than one texture block, so that small
-    spatio-temporal kernels see the direction without aliasing.
+    A square of `object_size` (fractions of the frame side) with a coarse texture (blocks of size/8) moves at
+    `speed` (fractions of the frame per frame), both drawn per video from the given ranges, so every generated
+    resolution shows the same video. Positions are sub-pixel (bilinear), so slow motion is seen by models that
+    sample every frame too. The default speed puts X3D-XS's frames (12 apart at 30 fps) 5-7% of the frame apart,
+    the 3-4 px at 64 px that a small 3D CNN and X3D-XS learned reliably (docs/recipe.md).
     """
     block = max(2, size // 8)
     cells = math.ceil(size / block)
     base = rng.integers(70, 186, 3)
     background = base + rng.integers(-18, 19, (cells, cells, 1))
-    background = np.clip(background.repeat(block, 0).repeat(block, 1)[:size, :size], 0, 255)
+    background = np.clip(background.repeat(block, 0).repeat(block, 1)[:size, :size], 0, 255).astype(np.float32)
 
-    side = int(rng.integers(size // 2, size * 3 // 5 + 1))
+    side = max(2, int(round(rng.uniform(*object_size) * size)))
     side_cells = math.ceil(side / block)
     dark, bright = rng.integers(0, 70, 3), rng.integers(186, 256, 3)
     pattern = rng.random((side_cells, side_cells)) < 0.5
     texture = np.where(pattern[..., None], bright, dark).repeat(block, 0).repeat(block, 1)[:side, :side]
     # The square drawn at the origin of a canvas; rolling the canvas moves it with wrap-around.
-    layer = np.zeros((size, size, 3), np.int64)
+    layer = np.zeros((size, size, 3), np.float32)
     mask = np.zeros((size, size, 1), bool)
     layer[:side, :side], mask[:side, :side] = texture, True
 
     dy, dx = _DIRECTIONS[motion]
     if motion == "moving_sideways" and rng.random() < 0.5:
         dx = -dx
-    speed = rng.uniform(1.5, 2.0)
+    pixels_per_frame = rng.uniform(*speed) * size
     start = rng.uniform(0, size, 2)
     t = np.arange(frames)
-    ys = np.round(start[0] + dy * speed * t).astype(int) % size
-    xs = np.round(start[1] + dx * speed * t).astype(int) % size
+    ys, xs = start[0] + dy * pixels_per_frame * t, start[1] + dx * pixels_per_frame * t
+
+    drawn = {}
+
+    def composite(y: int, x: int) -> np.ndarray:
+        # Slow motion revisits the same whole-pixel positions for several frames.
+        if (y, x) not in drawn:
+            if len(drawn) > 8:
+                drawn.clear()
+            drawn[(y, x)] = np.where(np.roll(mask, (y, x), axis=(0, 1)), np.roll(layer, (y, x), axis=(0, 1)),
+                                     background)
+        return drawn[(y, x)]
+
     video = np.empty((frames, size, size, 3), np.uint8)
     for i in range(frames):
-        obj = np.roll(layer, (ys[i], xs[i]), axis=(0, 1))
-        obj_mask = np.roll(mask, (ys[i], xs[i]), axis=(0, 1))
-        video[i] = np.where(obj_mask, obj, background)
+        y0, x0 = math.floor(ys[i]), math.floor(xs[i])
+        fy, fx = ys[i] - y0, xs[i] - x0
+        frame = (1 - fy) * ((1 - fx) * composite(y0, x0) + fx * composite(y0, x0 + 1))
+        if fy:
+            frame += fy * ((1 - fx) * composite(y0 + 1, x0) + fx * composite(y0 + 1, x0 + 1))
+        video[i] = np.clip(np.round(frame), 0, 255)
     return video
 
 
@@ -101,7 +130,9 @@ def encode_mp4(path: Path, video: np.ndarray, fps: int) -> None:
         stream = container.add_stream("libx264", rate=fps)
         stream.height, stream.width = video.shape[1:3]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18", "preset": "ultrafast", "threads": "1"}
+        # A keyframe every 16 frames: a clip's frames, up to 12 apart in a 160-frame video, are reached by decoding
+        # from the nearest keyframe instead of from the start.
+        stream.options = {"crf": "18", "preset": "ultrafast", "threads": "1", "g": "16"}
         for frame in video:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
@@ -123,7 +154,7 @@ def generate(root: Path, params: dict) -> None:
                 label = classes[index % len(classes)]
                 rng = np.random.default_rng([params["seed"], code, index])
                 youtube_id = f"{split}{index:06d}"
-                video = render(rng, label, params["frames"], params["size"])
+                video = render(rng, label, params["frames"], params["size"], params["object_size"], params["speed"])
                 encode_mp4(root / split / f"{youtube_id}_{0:06d}_{time_end:06d}.mp4", video, params["fps"])
                 writer.writerow([label, youtube_id, 0, time_end, split])
     # Written last: its presence marks a complete dataset.
@@ -142,18 +173,26 @@ def default_root() -> Path:
     return cache_root() / "synthetic"
 
 
-def ensure_synthetic(data_cfg) -> Path:
-    """Generate the dataset into data.root unless a complete copy with the same parameters is there; return root.
+def dataset_folder(root: Path, params: dict) -> Path:
+    """Each set of parameters has its own folder under data.root (`96px-1a2b3c4d`), so runs that want different
+    sets (another size for another model, a tiny test set) never replace one another's videos."""
+    digest = hashlib.sha256(json.dumps([GENERATOR_VERSION, params], sort_keys=True).encode()).hexdigest()[:8]
+    return root / f"{params['size']}px-{digest}"
+
+
+def ensure_synthetic(data_cfg, min_size: int = 0) -> Path:
+    """Generate the dataset unless a complete copy with the same parameters is there; return its folder (under
+    data.root, see `dataset_folder`). With data.synthetic.size=auto the short side fits clips of `min_size` pixels.
 
     Generation happens in a temporary sibling folder renamed into place at the end, so an interrupted run never
     leaves a partial dataset, and concurrent processes (distributed ranks) end up with one complete copy.
     """
-    params = _params(data_cfg)
-    root = Path(str(data_cfg.root)).expanduser() if data_cfg.root else default_root()
+    params = _params(data_cfg, min_size)
+    root = dataset_folder(Path(str(data_cfg.root)).expanduser() if data_cfg.root else default_root(), params)
     if _is_current(root, params):
         return root
     if root.exists() and not (root / MANIFEST).exists() and (not root.is_dir() or any(root.iterdir())):
-        raise DataError(f"data.root={root}: exists and is not a generated synthetic dataset (no {MANIFEST}); "
+        raise DataError(f"{root}: exists and is not a generated synthetic dataset (no {MANIFEST}); "
                         f"choose another data.root")
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))

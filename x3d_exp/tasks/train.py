@@ -11,7 +11,7 @@ import numpy as np
 from mindspore import nn
 from omegaconf import DictConfig
 
-from x3d_exp.config import JobContext, input_sizes
+from x3d_exp.config import JobContext, input_sizes, train_clip
 from x3d_exp.data import build_loader, pipeline_errors
 from x3d_exp.distributed import RESULT_FILE, SINGLE, Dist, check_replicas, join
 from x3d_exp.engine.build import build_network, build_optimizer, setup_context, training_model
@@ -20,7 +20,7 @@ from x3d_exp.engine.checkpoint import resolve_resume, restore_best, restore_trai
 from x3d_exp.engine.evaluate import evaluate
 from x3d_exp.errors import UserError
 from x3d_exp.models.fuse import inference_network
-from x3d_exp.models.summary import count_parameters
+from x3d_exp.models.summary import count_parameters, trace_network
 from x3d_exp.tracking import Tracker
 from x3d_exp.tracking.plots import save_plots
 from x3d_exp.weights import load_pretrained
@@ -30,6 +30,16 @@ def _loaders(cfg: DictConfig, spec, run_dir: Path, splits, dist: Dist = SINGLE):
     sizes = input_sizes(cfg, spec)
     return {split: build_loader(cfg.data, split, seed=int(cfg.seed), bad_log_dir=str(run_dir / "bad_videos"),
                                 shard_id=dist.rank, num_shards=dist.world_size, **sizes) for split in splits}
+
+
+def _record_cost(cfg: DictConfig, network, tracker: Tracker) -> dict:
+    """GMACs at the clip the loader feeds (what a sweep compares) and at the model's own input size, logged once;
+    returns the result's `clip` and `gmacs`."""
+    sizes = input_sizes(cfg, network.spec)
+    trained = trace_network(network, train_clip(sizes))
+    if not tracker.resume:
+        tracker.log_model(cfg.model.name, trained, trace_network(network, network.spec.input_shape), sizes)
+    return {"clip": list(trained.input_shape), "gmacs": round(trained.gmacs, 4)}
 
 
 def _leave_result(result: dict, out_dir: Path, dist: Dist) -> None:
@@ -50,8 +60,8 @@ def task_train(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
             skipped = load_pretrained(network, cfg.ckpt)
             if skipped:
                 print(f"ckpt={cfg.ckpt}: loaded all but {', '.join(skipped)} (class count differs)")
+        cost = _record_cost(cfg, network, tracker)
         if resume_from is None:
-            tracker.log_model(network, input_sizes(cfg, network.spec))
             tracker.log_params({"world_size": dist.world_size})
             tracker.log_datasets(cfg.data.name, loaders)
         train = loaders["train"]
@@ -81,7 +91,7 @@ def task_train(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
         tracker.log_artifact(state.best_path, "checkpoints")
         if state.last_paths:
             tracker.log_artifact(state.last_paths[-1], "checkpoints")
-        result.update(task="train", run_id=tracker.run_id, val_top1=state.best_top1,
+        result.update(cost, task="train", run_id=tracker.run_id, val_top1=state.best_top1,
                       epochs=int(cfg.trainer.epochs), seconds=round(time.time() - started, 1))
         _leave_result(result, train_dir, dist)
     return result
@@ -115,13 +125,13 @@ def task_test(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
         if skipped:
             raise UserError(f"ckpt={cfg.ckpt}: its head does not fit data.num_classes={cfg.data.num_classes}")
         loaders = _loaders(cfg, network.spec, run_dir, ("test",), dist)
-        tracker.log_model(network, input_sizes(cfg, network.spec))
+        cost = _record_cost(cfg, network, tracker)
         tracker.log_params({"world_size": dist.world_size})
         tracker.log_datasets(cfg.data.name, loaders)
         with pipeline_errors(f"data={cfg.data.name}"):
             result = _test_and_record(cfg, network, loaders["test"], tracker, run_dir, [], dist,
                                       scorer=inference_network(network))
-        result.update(task="test", run_id=tracker.run_id, val_top1=None, epochs=0,
+        result.update(cost, task="test", run_id=tracker.run_id, val_top1=None, epochs=0,
                       seconds=round(time.time() - started, 1))
         _leave_result(result, run_dir, dist)
     return result

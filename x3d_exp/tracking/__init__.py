@@ -129,14 +129,16 @@ class Tracker:
             inputs.append(mlflow.entities.DatasetInput(dataset, [context]))
         self.client.log_inputs(self.run_id, datasets=inputs)
 
-    def log_model(self, network, sizes: dict):
+    def log_model(self, model_name: str, trained, nominal, sizes: dict):
+        """Size and cost (models.summary.NetworkCount) at the clip trained on and at the model's own input size."""
         if not self.active:
             return
-        from x3d_exp.models.summary import format_summary, trace_network
+        from x3d_exp.models.summary import format_summary
 
-        count = trace_network(network, network.spec.input_shape)
-        self.client.log_param(self.run_id, "model_params", count.params)
-        self.client.log_param(self.run_id, "model_gmacs", round(count.gmacs, 4))
+        self.log_params({"model_params": trained.params, "model_gmacs": round(trained.gmacs, 4),
+                         "model_gmacs_nominal": round(nominal.gmacs, 4),
+                         "clip": "x".join(str(d) for d in trained.input_shape)})
         summary = self.run_dir / "model_summary.txt"
-        summary.write_text(format_summary(self.cfg.model.name, count) + f"\nloader clip sizes: {sizes}\n")
+        summary.write_text(format_summary(model_name, nominal) + f"\n\nat the trained clip {list(trained.input_shape)}"
+                           f": {trained.gmacs:.4f} GMACs\nloader clip sizes: {sizes}\n")
         self.log_artifact(summary, None)

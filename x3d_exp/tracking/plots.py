@@ -52,10 +52,39 @@ def plot_top1_vs_gmacs(table, title: str, path: Path, summary_csv: str) -> Path:
     if len(done) and done.gmacs.max() > 10 * done.gmacs.min():
         ax.set_xscale("log")
     failed = int((table.status != "FINISHED").sum())
-    ax.set_xlabel("GMACs per clip (the model's own input size)")
+    ax.set_xlabel("GMACs per training clip (the clip each job trained on)")
     ax.set_ylabel("test top-1")
     ax.set_title(f"{title}: {len(done)} finished" + (f", {failed} failed (see {summary_csv})" if failed else ""))
     ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_expansion_path(table, title: str, path: Path) -> Path:
+    """The X3D paper's Figure 2: every finished candidate's val top-1 against its GMACs (trained clip), the chosen
+    model of each step joined into the expansion path and labelled with the axis it expanded."""
+    plt = _pyplot()
+    done = table[(table.status == "FINISHED") & table.gmacs.notna() & table.val_top1.notna()]
+    chosen = done[done.chosen].sort_values(["step", "gmacs"])
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    ax.scatter(done.gmacs, done.val_top1, color="0.6", zorder=2, label="candidates")
+    for _, row in done[~done.chosen].iterrows():
+        ax.annotate(row.axis.replace("gamma_", "γ"), (row.gmacs, row.val_top1), textcoords="offset points",
+                    xytext=(3, -9), fontsize=7, color="0.4")
+    ax.plot(chosen.gmacs, chosen.val_top1, marker="o", color="C3", zorder=3, label="expansion path")
+    for _, row in chosen.iterrows():
+        ax.annotate(f"{row.step}: {row.axis.replace('gamma_', 'γ')}", (row.gmacs, row.val_top1),
+                    textcoords="offset points", xytext=(4, 5), fontsize=8, color="C3")
+    if len(done) and done.gmacs.max() > 10 * done.gmacs.min():
+        ax.set_xscale("log")
+    failed = int((table.status != "FINISHED").sum())
+    ax.set_xlabel("GMACs per training clip")
+    ax.set_ylabel("val top-1")
+    ax.set_title(f"{title}: {len(table)} candidates" + (f", {failed} failed" if failed else ""))
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -27,6 +27,7 @@ summary and plot cover the whole path.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import math
 import os
@@ -47,6 +48,10 @@ log = logging.getLogger("x3d_exp.tracking.sweeps")
 PARENT_FILE = "mlflow_parent_run_id"
 SUMMARY_CSV = "sweep_summary.csv"
 SUMMARY_PLOT = "top1_vs_gmacs.png"
+# A search sweeper's own account of the sweep (x3d_exp.tracking.search), which the sweep's last line begins with.
+SEARCH_RESULT = "search_result.json"
+# Tags of a search candidate's child run, from the job's sweep.step and sweep.axis.
+STEP_TAG, AXIS_TAG = "sweep.step", "sweep.axis"
 # Tasks that record an MLflow run of their own (summary, convert, export and infer do not).
 TRACKED_TASKS = ("train", "test")
 
@@ -75,8 +80,11 @@ def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig, context: JobCont
     if parent and cfg.task in TRACKED_TASKS and cfg.mlflow.enabled:
         client = MlflowClient(cfg.mlflow.tracking_uri)
         changed = _changed({k: str(v) for k, v in flatten(cfg).items()}, client.get_run(parent).data.params)
-        run_id = create_run(client, cfg, context.output_dir, context,
-                            tags={"mlflow.parentRunId": parent, "sweep.job": str(job)},
+        tags = {"mlflow.parentRunId": parent, "sweep.job": str(job)}
+        for tag, key in ((STEP_TAG, "step"), (AXIS_TAG, "axis")):
+            if cfg.sweep.get(key) is not None:
+                tags[tag] = str(cfg.sweep[key])
+        run_id = create_run(client, cfg, context.output_dir, context, tags=tags,
                             name=cfg.mlflow.run_name or f"{job}: {changed or '(base)'}"[:250])
         os.environ[ADOPT_ENV] = run_id
     outcome = {"status": "FINISHED", "run_id": run_id, "job": job}
@@ -97,10 +105,8 @@ def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig, context: JobCont
             os.environ.pop(ADOPT_ENV, None)
         else:
             os.environ[ADOPT_ENV] = previous
-    if client is not None:
-        if outcome["status"] == "FINISHED":
-            client.set_terminated(run_id, "FINISHED")
-        outcome["gmacs"] = _float(client.get_run(run_id).data.params.get("model_gmacs"))
+    if client is not None and outcome["status"] == "FINISHED":
+        client.set_terminated(run_id, "FINISHED")
     return outcome
 
 
@@ -112,8 +118,9 @@ def _float(value) -> Optional[float]:
 
 
 def _changed(params: dict, base: dict) -> str:
-    """`key=value` for every config value where the job differs from the multirun's base config."""
-    keys = [k for k in params if k in base and params[k] != base[k]]
+    """`key=value` for every config value where the job differs from the multirun's base config (the sweep's own
+    bookkeeping, such as a search's step, aside)."""
+    keys = [k for k in params if k in base and params[k] != base[k] and not k.startswith("sweep.")]
     return " ".join(f"{k.removeprefix('model.')}={params[k]}" for k in sorted(keys))
 
 
@@ -128,13 +135,14 @@ def summary_table(client, children: List, base_params: dict):
         row = {"job": int(tags.get("sweep.job", -1)), "status": run.info.status,
                "changed": _changed(params, base_params) or "(base)", "model": params.get("model.name")}
         row.update({f: _float(params.get(f"model.{f}")) for f in FACTORS})
-        row.update(params=_float(params.get("model_params")), gmacs=_float(params.get("model_gmacs")),
+        row.update(clip=params.get("clip"), params=_float(params.get("model_params")),
+                   gmacs=_float(params.get("model_gmacs")), gmacs_nominal=_float(params.get("model_gmacs_nominal")),
                    val_top1=max(val) if val else None, test_top1=metrics.get("test/top1"),
                    test_top5=metrics.get("test/top5"), error=_first_line(tags.get("error", "")),
                    overrides=tags.get("hydra_overrides", ""), run_id=run.info.run_id)
         rows.append(row)
-    columns = ["job", "status", "changed", "model", *FACTORS, "params", "gmacs", "val_top1", "test_top1",
-               "test_top5", "error", "overrides", "run_id"]
+    columns = ["job", "status", "changed", "model", *FACTORS, "clip", "params", "gmacs", "gmacs_nominal", "val_top1",
+               "test_top1", "test_top5", "error", "overrides", "run_id"]
     return pd.DataFrame(rows, columns=columns).sort_values("job", kind="stable").reset_index(drop=True)
 
 
@@ -149,15 +157,21 @@ class MlflowSweepCallback(Callback):
         self.name = "multirun"
         self.tracking_uri = ""
         self.optimized_metric: Optional[str] = None
+        self.allow_failed_jobs = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         base = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         self.name = str(OmegaConf.select(base, "sweep.name", default=None) or "multirun")
         self.optimized_metric = OmegaConf.select(base, "sweep.optimized_metric", default=None)
+        self.allow_failed_jobs = bool(OmegaConf.select(base, "sweep.allow_failed_jobs", default=False))
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = str(config.mlflow.tracking_uri)
         self.client = MlflowClient(self.tracking_uri)
+        (self.sweep_dir / SEARCH_RESULT).unlink(missing_ok=True)
+        if OmegaConf.select(base, "sweep.resumable", default=False) and self._reopen_parent():
+            atexit.register(self._finish, aborted=True)
+            return
         overrides = " ".join(config.hydra.overrides.task)
         tags = {"sweep": self.name, "sweep.dir": str(self.sweep_dir), "hydra_overrides": overrides,
                 "task": str(base.task)}
@@ -171,6 +185,27 @@ class MlflowSweepCallback(Callback):
         (self.sweep_dir / PARENT_FILE).write_text(self.parent)
         atexit.register(self._finish, aborted=True)
         log.info("MLflow parent run %s for the sweep in %s", self.parent, self.sweep_dir)
+
+    def _reopen_parent(self) -> bool:
+        """A resumable sweep run again in its own sweep dir continues its parent run. Children that did not finish
+        (killed, or failed) are deleted: the sweeper trains them again."""
+        parent_file = self.sweep_dir / PARENT_FILE
+        if not parent_file.is_file():
+            return False
+        try:
+            run = self.client.get_run(parent_file.read_text().strip())
+        except Exception:  # noqa: BLE001 - the id of another store, or a deleted run: start a new parent
+            return False
+        self.parent = run.info.run_id
+        self.base_params = dict(run.data.params)
+        self.client.update_run(self.parent, status="RUNNING")
+        experiment = run.info.experiment_id
+        for child in self.client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{self.parent}'",
+                                             max_results=50000):
+            if child.info.status != "FINISHED":
+                self.client.delete_run(child.info.run_id)
+        log.info("MLflow parent run %s continued for the sweep in %s", self.parent, self.sweep_dir)
+        return True
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         failed = self._finish(aborted=False)
@@ -207,9 +242,14 @@ class MlflowSweepCallback(Callback):
         self._record_best(parent, table, metrics)
         for key, value in metrics.items():
             self.client.log_metric(parent, key, value)
-        self.client.set_terminated(parent, "FAILED" if aborted or len(bad) else "FINISHED")
-        print(f"sweep {self.name}: {len(table) - len(bad)} of {len(table)} jobs finished; summary {csv}; "
+        failed = len(bad) and not self.allow_failed_jobs
+        self.client.set_terminated(parent, "FAILED" if aborted or failed else "FINISHED")
+        search = self.sweep_dir / SEARCH_RESULT
+        account = json.loads(search.read_text())["line"] + "; " if search.is_file() else ""
+        print(f"sweep {self.name}: {account}{len(table) - len(bad)} of {len(table)} jobs finished; summary {csv}; "
               f"view: {view_command(self.client, self.tracking_uri, parent)}", flush=True)
+        if not failed:
+            return ""
         return "; ".join(f"sweep job {r.job} ({r.changed}) failed: {r.error}" for r in bad.itertuples())
 
     def _record_best(self, parent: str, table, metrics: dict) -> None:
