@@ -15,11 +15,12 @@ from typing import List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 
-# X3D-XS unchanged; the synthetic set shrunk to 16 training videos of 32x32 crops so a job takes seconds.
-TINY = ["data.synthetic.train_per_class=4", "data.synthetic.val_per_class=2", "data.synthetic.test_per_class=2",
-        "data.synthetic.frames=24", "data.synthetic.size=40", "data.crop_size=32", "data.test_crop_size=32",
-        "data.train_scale=[32,40]", "data.batch_size=4", "data.num_workers=0", "data.test_num_clips=1",
-        "trainer.log_every=1"]
+# The synthetic set shrunk to 16 short training videos; the clip still follows the model (for sweeps over it).
+TINY_DATA = ["data.synthetic.train_per_class=4", "data.synthetic.val_per_class=2", "data.synthetic.test_per_class=2",
+             "data.synthetic.frames=24", "data.batch_size=4", "data.num_workers=0", "data.test_num_clips=1",
+             "trainer.log_every=1"]
+# X3D-XS unchanged, on 32x32 crops of that set, so a job takes seconds.
+TINY = TINY_DATA + ["data.synthetic.size=40", "data.crop_size=32", "data.test_crop_size=32", "data.train_scale=[32,40]"]
 # For jobs that check orchestration (sweeps, msrun) rather than the network: X3D-XS at depth factor 1 instead of 2.2
 # (11 blocks instead of 26). MindSpore's graph compile, most of a tiny job's time, shrinks with the block count.
 SHALLOW = ["model.gamma_d=1.0"]
@@ -37,9 +38,12 @@ def run_cli(args: List[str], *, cwd: Path, cache: Path, timeout: float = 600) ->
                           capture_output=True, text=True, timeout=timeout)
 
 
-def multirun(work: Path, cache: Path, *args: str, shallow: bool = True) -> subprocess.CompletedProcess:
-    """`run.py -m` with the tiny settings (and the shallow XS unless told), one epoch, sweep dir `work/sweep`."""
-    return run_cli(["-m", *TINY, *(SHALLOW if shallow else []), "trainer.epochs=1", f"hydra.sweep.dir={work / 'sweep'}",
+def multirun(work: Path, cache: Path, *args: str, shallow: bool = True,
+             clip_follows_model: bool = False) -> subprocess.CompletedProcess:
+    """`run.py -m` with the tiny settings (and the shallow XS unless told), one epoch, sweep dir `work/sweep`.
+    `clip_follows_model`: the tiny set without the 32x32 crops, for sweeps whose jobs differ in their clips."""
+    tiny = TINY_DATA if clip_follows_model else TINY
+    return run_cli(["-m", *tiny, *(SHALLOW if shallow else []), "trainer.epochs=1", f"hydra.sweep.dir={work / 'sweep'}",
                     f"mlflow.tracking_uri={store_uri(work)}", *args], cwd=work, cache=cache, timeout=900)
 
 

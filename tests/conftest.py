@@ -42,8 +42,10 @@ def trained(tmp_path_factory, cache):
 
 @pytest.fixture(scope="session")
 def expansion(tmp_path_factory, cache):
-    """A finished 4-job expand_one_axis sweep (base, gamma_t, gamma_w, gamma_b) through the real CLI."""
+    """A finished 4-job expand_one_axis sweep (base, gamma_t, gamma_tau, gamma_s) through the real CLI, each job on
+    the clip its model derives."""
     work = tmp_path_factory.mktemp("expand")
-    done = multirun(work, cache, "+sweep=expand_one_axis", "+expand=base,gamma_t,gamma_w,gamma_b")
+    done = multirun(work, cache, "+sweep=expand_one_axis", "+expand=base,gamma_t,gamma_tau,gamma_s",
+                    clip_follows_model=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return work, done

@@ -316,7 +316,8 @@ def test_synthetic_classes_differ_only_in_motion():
     directions = {"moving_down": set(), "moving_sideways": set(), "moving_up": set(), "standing_still": set()}
     for seed in range(6):
         for motion in CLASSES:
-            dy, dx = motion_per_frame(render(np.random.default_rng(seed), motion, 2, 32))
+            # Faster than the default (0.4-0.55% of the frame per frame) so that two frames of 32 px differ.
+            dy, dx = motion_per_frame(render(np.random.default_rng(seed), motion, 2, 32, speed=(0.05, 0.06)))
             directions[motion].add((int(np.sign(dy)), int(np.sign(dx))))
     assert directions == {"moving_down": {(1, 0)}, "moving_sideways": {(0, 1), (0, -1)},
                           "moving_up": {(-1, 0)}, "standing_still": {(0, 0)}}
@@ -337,8 +338,10 @@ def test_synthetic_is_deterministic_atomic_and_reused(tmp_path):
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
     assert (one / "train/train000000_000000_000001.mp4").read_bytes() != \
         (other / "train/train000000_000000_000001.mp4").read_bytes()
-    # Nothing but the dataset is left next to it (no staging folder).
+    # Nothing but the dataset is left next to it (no staging folder), in a folder named for its size and parameters.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "other", "two"]
+    assert [p.name for p in (tmp_path / "one").iterdir()] == [one.name] and one.name.startswith("32px-")
+    assert one.name == two.name != other.name
     stamp = (one / "synthetic.json").stat().st_mtime_ns
     assert ensure_synthetic(synthetic_cfg(tmp_path / "one")) == one
     assert (one / "synthetic.json").stat().st_mtime_ns == stamp
@@ -350,17 +353,26 @@ def test_synthetic_is_deterministic_atomic_and_reused(tmp_path):
     assert column(rows, "label").tolist() == [0, 1, 2, 3]
     assert rows[0]["clip"].shape == (2, 3, 4, 32, 32)
 
-    (tmp_path / "user").mkdir()
-    (tmp_path / "user" / "precious.txt").write_text("mine")
+    # Another set of parameters gets its own folder: the first set is not replaced.
+    bigger = synthetic_cfg(tmp_path / "one")
+    bigger.synthetic.size = "auto"
+    assert ensure_synthetic(bigger, min_size=70).name.startswith("96px-")
+    assert (one / "synthetic.json").stat().st_mtime_ns == stamp
+
+    # A folder of that name that is not a generated dataset is never overwritten.
+    user = tmp_path / "user" / one.name
+    user.mkdir(parents=True)
+    (user / "precious.txt").write_text("mine")
     with pytest.raises(DataError, match="not a generated synthetic dataset"):
         ensure_synthetic(synthetic_cfg(tmp_path / "user"))
+    assert (user / "precious.txt").read_text() == "mine"
 
 
 @pytest.mark.slow
 def test_synthetic_label_is_in_the_motion_not_in_a_frame(tmp_path):
-    """A small 3D CNN learns the default synthetic set from 4-frame clips and stays near chance from one frame."""
-    root = ensure_synthetic(data_cfg(tmp_path / "synthetic", name="synthetic", annotation_prefix="synthetic",
-                                     num_classes=4))
+    """A small 3D CNN learns the default synthetic set from X3D-XS's clips (4 frames 12 apart) and stays near chance
+    from one frame."""
+    root = tmp_path / "synthetic"
     repo = Path(__file__).resolve().parents[1]
 
     def proxy(num_frames, epochs):

@@ -70,10 +70,10 @@ def test_the_sweep_opens_in_the_model_training_view_and_its_children_compare_by_
     for child in children:
         assert child.info.run_name in compare
     differing = set(re.findall(r'<tr class="diff-row"><th[^>]*>([^<]+)</th>', compare))
-    assert {"model.gamma_t", "model.gamma_w", "model.gamma_b", "model_gmacs"} <= differing, sorted(differing)
-    assert not {"model.gamma_tau", "model.gamma_s", "model.gamma_d", "optim.lr"} & differing, sorted(differing)
+    assert {"model.gamma_t", "model.gamma_tau", "model.gamma_s", "model_gmacs", "clip"} <= differing, sorted(differing)
+    assert not {"model.gamma_w", "model.gamma_b", "model.gamma_d", "optim.lr"} & differing, sorted(differing)
     plotted = re.findall(r'class="axis-title"[^>]*data-unformatted="([^"]+)"', compare)
-    assert {"model.gamma_t", "model.gamma_w", "model.gamma_b"} & set(plotted), plotted
+    assert {"model.gamma_t", "model.gamma_tau", "model.gamma_s"} & set(plotted), plotted
     assert ">test/top1<" in compare
 
 

@@ -47,17 +47,36 @@ def test_expansion_sweep_is_one_parent_with_four_finished_children(expansion):
     assert "sweep expand_one_axis: 4 of 4 jobs finished" in done.stdout
 
 
+# The expansion fixture's jobs: what each changes from X3D-XS at depth factor 1 (tests.cli_helpers.SHALLOW).
+EXPANDED = [{}, {"gamma_t": 8.0}, {"gamma_t": 8.0, "gamma_tau": 6.0}, {"gamma_s": 2 * XS["gamma_s"]}]
+
+
 def test_each_child_records_its_factors(expansion):
     work, _ = expansion
     _, children = parent_and_children(work)
-    expanded = [None, "gamma_t", "gamma_w", "gamma_b"]
-    base = {**XS, "gamma_d": 1.0}  # tests.cli_helpers.SHALLOW
-    for child, axis in zip(children, expanded):
+    base = {**XS, "gamma_d": 1.0}
+    for child, changes in zip(children, EXPANDED):
         factors = {k: float(child.data.params[f"model.{k}"]) for k in XS}
-        assert factors == {k: v * 2 if k == axis else v for k, v in base.items()}, child.info.run_name
+        assert factors == pytest.approx({**base, **changes}), child.info.run_name
         assert float(child.data.params["model_gmacs"]) > 0 and "test/top1" in child.data.metrics
         # Every metric of the job reached the store: one train/loss per step (16 videos in batches of 4).
         assert metric_steps(store_uri(work), child.info.run_id, "train/loss") == [1, 2, 3, 4]
+
+
+def test_the_clip_follows_each_jobs_model_and_gmacs_are_counted_at_it(expansion):
+    """On the default data (spatial scale 0.4): XS trains 4 frames 12 apart at 64 px; gamma_t doubles the frames,
+    the frame-rate step doubles them at half the stride, gamma_s (x2) doubles the crop (crop 320 x 0.4)."""
+    work, _ = expansion
+    _, children = parent_and_children(work)
+    clips = [(c.data.params["clip"], int(c.data.params["clip_sampling_rate"])) for c in children]
+    assert clips == [("3x4x64x64", 12), ("3x8x64x64", 12), ("3x8x64x64", 6), ("3x4x128x128", 12)]
+    gmacs = [float(c.data.params["model_gmacs"]) for c in children]
+    nominal = [float(c.data.params["model_gmacs_nominal"]) for c in children]
+    # GMACs scale with the clip: twice the frames about twice the cost, twice the side about four times.
+    assert gmacs[1] == pytest.approx(2 * gmacs[0], rel=0.1) and gmacs[2] == pytest.approx(gmacs[1], rel=1e-3)
+    assert gmacs[3] == pytest.approx(4 * gmacs[0], rel=0.15)
+    # At the model's own input (160 px) the cost is higher, by about (160/64)^2.
+    assert all(n == pytest.approx(g * (160 / 64) ** 2, rel=0.15) for g, n in zip(gmacs[:3], nominal[:3]))
 
 
 def test_summary_table_and_plot_are_parent_artifacts(expansion):
@@ -65,13 +84,15 @@ def test_summary_table_and_plot_are_parent_artifacts(expansion):
     parent, children = parent_and_children(work)
     table = summary(work, parent)
     assert list(table.job) == [0, 1, 2, 3] and set(table.status) == {"FINISHED"}
-    assert list(table.changed) == ["(base)", "gamma_t=8.0", "gamma_w=2.0", "gamma_b=4.5"]
+    assert list(table.changed) == ["(base)", "gamma_t=8.0", "gamma_t=8.0 gamma_tau=6.0",
+                                   f"gamma_s={2 * XS['gamma_s']}"]
     assert list(table.run_id) == [c.info.run_id for c in children]
     # Each child is named after what it changes, so the MLflow run list reads as the sweep.
     names = [f"{job}: {changed}" for job, changed in zip(table.job, table.changed)]
     assert [c.info.run_name for c in children] == names
-    base, _, wide, _ = table.itertuples()
-    assert wide.params > base.params and wide.gmacs > base.gmacs
+    base, longer, _, larger = table.itertuples()
+    assert list(table.clip) == ["3x4x64x64", "3x8x64x64", "3x8x64x64", "3x4x128x128"]
+    assert longer.gmacs > base.gmacs and larger.gmacs > base.gmacs and larger.params == base.params
     assert all(0 <= t <= 1 for t in table.test_top1) and all(0 <= v <= 1 for v in table.val_top1)
 
 
@@ -109,13 +130,18 @@ def _compose(*overrides):
     return compose_config(*overrides, return_hydra_config=True)
 
 
-def test_every_expansion_step_doubles_exactly_one_factor_of_x3d_xs():
+def test_every_expansion_step_is_the_searchs_step_on_one_axis_of_x3d_xs():
+    from x3d_exp.tracking.search import AXIS_STEPS, expand
+
     params = _compose("+sweep=expand_one_axis").hydra.sweeper.params
     steps = params["+expand"].split(",")
     assert steps == ["base", *XS]
     for step in steps:
         model = _compose("+sweep=expand_one_axis", f"+expand={step}").model
-        assert {k: model[k] for k in XS} == {k: v * 2 if k == step else v for k, v in XS.items()}
+        # gamma_s: one sweep step is two of the search's (x sqrt(2) each), so the crop visibly changes.
+        multiplier = 2.0 if step == "gamma_s" else AXIS_STEPS.get(step)
+        expected = XS if step == "base" else expand(XS, step, multiplier)
+        assert {k: model[k] for k in XS} == pytest.approx(expected), step
 
 
 def test_grid_variant_and_seed_sweeps_compose():

@@ -39,7 +39,8 @@ def _record_cost(cfg: DictConfig, network, tracker: Tracker) -> dict:
     trained = trace_network(network, train_clip(sizes))
     if not tracker.resume:
         tracker.log_model(cfg.model.name, trained, trace_network(network, network.spec.input_shape), sizes)
-    return {"clip": list(trained.input_shape), "gmacs": round(trained.gmacs, 4)}
+    return {"clip": list(trained.input_shape), "sampling_rate": sizes["sampling_rate"],
+            "gmacs": round(trained.gmacs, 4)}
 
 
 def _leave_result(result: dict, out_dir: Path, dist: Dist) -> None:

@@ -137,7 +137,8 @@ class Tracker:
 
         self.log_params({"model_params": trained.params, "model_gmacs": round(trained.gmacs, 4),
                          "model_gmacs_nominal": round(nominal.gmacs, 4),
-                         "clip": "x".join(str(d) for d in trained.input_shape)})
+                         "clip": "x".join(str(d) for d in trained.input_shape),
+                         "clip_sampling_rate": sizes["sampling_rate"]})
         summary = self.run_dir / "model_summary.txt"
         summary.write_text(format_summary(model_name, nominal) + f"\n\nat the trained clip {list(trained.input_shape)}"
                            f": {trained.gmacs:.4f} GMACs\nloader clip sizes: {sizes}\n")

@@ -132,7 +132,7 @@ def contract(previous: Candidate, chosen: Candidate, target: float, multiplier: 
     (bisection over the step's multiplier; None if not even a 1% step fits)."""
     low, high = 1.0, multiplier
     best = None
-    for _ in range(20):
+    for _ in range(10):  # the multiplier to within a factor of 1.001
         middle = math.sqrt(low * high)
         factors = expand(previous.factors, chosen.axis, middle)
         if cost(factors) <= target:

@@ -1,0 +1,245 @@
+"""X3D's progressive expansion search (x3d_exp.tracking.search, hydra_plugins.x3d_exp_search): the algorithm on its
+own, and whole searches through the real CLI, Hydra's joblib launcher and a real sqlite store."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.cli_helpers import (REPO, TINY_DATA, artifact_paths, cli_env, compose_config, final_json, run_cli,
+                               store_uri)
+from x3d_exp.config import FACTORS
+from x3d_exp.tracking.search import (AXIS_STEPS, Candidate, ProgressiveSearch, SearchFailed, SearchSettings, choose,
+                                     contract, expand, factor_key, trained_gmacs)
+
+X2D = {name: 1.0 for name in FACTORS}
+
+
+def test_each_axis_step_is_the_papers():
+    assert expand(X2D, "gamma_t", 2.0) == {**X2D, "gamma_t": 2.0}
+    # Frame rate x2 at the same duration: twice the frames, half the stride.
+    xs = {**X2D, "gamma_t": 4.0, "gamma_tau": 12.0}
+    assert expand(xs, "gamma_tau", 2.0) == {**xs, "gamma_t": 8.0, "gamma_tau": 6.0}
+    assert AXIS_STEPS == pytest.approx({"gamma_t": 2.0, "gamma_tau": 2.0, "gamma_s": 2 ** 0.5, "gamma_w": 2.0,
+                                        "gamma_b": 2.25, "gamma_d": 2.2})
+    sweep = compose_config("+sweep=progressive").sweep
+    assert list(sweep.axes) == list(FACTORS) and dict(sweep.axis_steps) == pytest.approx(AXIS_STEPS)
+    assert compose_config("+sweep=progressive").model.name == "x2d"
+
+
+def test_one_step_from_x2d_costs_what_the_paper_says_per_axis():
+    """GMACs at the default data's training clip, counted as the jobs count them: each step about doubles the cost,
+    except width, whose x2 quadruples the 1x1x1 convolutions (3.4x in all)."""
+    config = compose_config("+sweep=progressive")
+    start = trained_gmacs(config, X2D)
+    ratios = {axis: trained_gmacs(config, expand(X2D, axis, AXIS_STEPS[axis])) / start for axis in FACTORS}
+    assert all(1.5 <= ratios[axis] <= 3.0 for axis in FACTORS if axis != "gamma_w"), ratios
+    assert 3.0 < ratios["gamma_w"] < 3.6, ratios
+
+
+def _candidate(axis, val, gmacs, step=1):
+    return Candidate(step, axis, X2D, "FINISHED", val, val, gmacs)
+
+
+def test_the_rule_picks_gain_per_gmac_or_accuracy_and_ties_go_to_the_cheaper():
+    base = _candidate("start", 0.5, 1.0, step=0)
+    cheap, dear = _candidate("gamma_s", 0.6, 1.5), _candidate("gamma_w", 0.7, 4.0)
+    assert choose(base, [dear, cheap], "gain_per_gmac") is cheap  # 0.2 per GMAC against 0.067
+    assert choose(base, [cheap, dear], "accuracy") is dear
+    tied = [_candidate("gamma_w", 1.0, 3.0), _candidate("gamma_t", 1.0, 2.0), _candidate("gamma_b", 1.0, 2.5)]
+    assert choose(_candidate("start", 1.0, 1.0), tied, "gain_per_gmac").axis == "gamma_t"
+    assert choose(_candidate("start", 1.0, 1.0), tied, "accuracy").axis == "gamma_t"
+
+
+def test_contraction_lands_just_under_the_target():
+    config = compose_config("+sweep=progressive")
+    previous = _candidate("start", 0.5, trained_gmacs(config, X2D), step=0)
+    grown = expand(X2D, "gamma_w", 2.0)
+    chosen = Candidate(1, "gamma_w", grown, "FINISHED", 0.6, 0.6, trained_gmacs(config, grown))
+    target = (previous.gmacs + chosen.gmacs) / 2
+    factors = contract(previous, chosen, target, 2.0, lambda f: trained_gmacs(config, f))
+    assert 1.0 < factors["gamma_w"] < 2.0 and {k: v for k, v in factors.items() if k != "gamma_w"} == \
+        {k: v for k, v in X2D.items() if k != "gamma_w"}
+    assert 0.9 * target < trained_gmacs(config, factors) <= target
+
+
+def _search(outcomes, **settings):
+    """A search whose `launch` fills in given outcomes by axis (the loop's decisions, without training)."""
+    launched = []
+
+    def launch(batch):
+        for candidate in batch:
+            launched.append(candidate.axis)
+            val, gmacs = outcomes[candidate.axis]
+            if val is None:
+                candidate.status, candidate.error = "FAILED", "ConfigError: impossible"
+            else:
+                candidate.status, candidate.val_top1, candidate.gmacs = "FINISHED", val, gmacs
+
+    search = ProgressiveSearch(SearchSettings(**settings), X2D, launch, cost=lambda f: 0.0)
+    return search, launched
+
+
+def test_a_failed_candidate_is_skipped_and_a_failed_step_stops_the_search():
+    search, launched = _search({"start": (0.3, 1.0), "gamma_t": (0.6, 2.0), "gamma_w": (None, None)},
+                               steps=2, axes=("gamma_t", "gamma_w"))
+    found = search.run()
+    assert launched == ["start", "gamma_t", "gamma_w", "gamma_t", "gamma_w"]
+    assert found.axis == "gamma_t" and found.step == 2 and [c.axis for c in search.path] == ["start"] + ["gamma_t"] * 2
+    table = search.table()
+    assert list(table.status) == ["FINISHED", "FINISHED", "FAILED", "FINISHED", "FAILED"]
+
+    search, _ = _search({"start": (0.3, 1.0), "gamma_w": (None, None)}, steps=2, axes=("gamma_w",))
+    with pytest.raises(SearchFailed, match="step 1: all 1 candidates failed"):
+        search.run()
+
+
+def test_finished_candidates_are_reused_not_trained_again():
+    outcomes = {"start": (0.3, 1.0), "gamma_t": (0.6, 2.0), "gamma_s": (0.5, 1.5)}
+    first, _ = _search(outcomes, steps=2, axes=("gamma_t", "gamma_s"))
+    first.run()
+    done = {c.key: c for c in first.candidates if c.step < 2}
+    second, launched = _search(outcomes, steps=2, axes=("gamma_t", "gamma_s"))
+    second.done = dict(done)
+    second.run()
+    assert launched == ["gamma_t", "gamma_s"]  # only step 2's
+    assert [factor_key(c.factors) for c in second.path] == [factor_key(c.factors) for c in first.path]
+
+
+def test_bad_search_settings_fail_naming_the_key():
+    with pytest.raises(Exception, match="sweep.rule='fastest'"):
+        SearchSettings.from_config({"rule": "fastest"})
+    with pytest.raises(Exception, match="unknown factor.*gamma_x"):
+        SearchSettings.from_config({"axes": ["gamma_x"]})
+
+
+def test_the_sweeper_is_a_discoverable_hydra_plugin():
+    done = subprocess.run([sys.executable, str(REPO / "run.py"), "--info", "plugins"], capture_output=True, text=True,
+                          timeout=300, cwd=REPO.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # Hydra's listing: "Sweeper:", a rule, then one indented class name per line.
+    assert re.search(r"Sweeper:\s*\n\s*-+\n(\s+\w+\n)*?\s+ProgressiveSweeper\n", done.stdout), done.stdout[-3000:]
+
+
+# The search of the CLI tests: from X2D over four axes, two steps; width's step is impossible (factor 0, which
+# every job refuses), so its candidate fails in each step and the search goes on without it.
+SEARCH = ["+sweep=progressive", "sweep.steps=2", "sweep.axes=[gamma_t,gamma_s,gamma_w,gamma_b]",
+          "sweep.axis_steps.gamma_w=0", "trainer.epochs=1"]
+
+
+def _children(uri):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("x3d-exp").experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+@pytest.fixture(scope="module")
+def resumed_search(tmp_path_factory, cache):
+    """A 2-step search with 2 joblib workers, killed (the whole process group) once a step-2 candidate has
+    finished, then resumed with sweep.resume=<its dir>."""
+    work = tmp_path_factory.mktemp("search")
+    sweep_dir, uri = work / "sweep", store_uri(work)
+    args = [sys.executable, str(REPO / "run.py"), "-m", *TINY_DATA, *SEARCH, "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep_dir}", f"mlflow.tracking_uri={uri}"]
+    first = subprocess.Popen(args, cwd=work, env=cli_env(cache), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 900
+    killed_at = None
+    while first.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+        # Only once the search has its parent run: the store is migrated by then (two migrations at once fail).
+        if not (sweep_dir / "mlflow_parent_run_id").exists():
+            continue
+        _, children = _children(uri)
+        if any(c.data.tags.get("sweep.step") == "2" and c.info.status == "FINISHED" for c in children):
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+            killed_at = _children(uri)
+            break
+    assert killed_at is not None, f"never caught step 2 running (exit {first.returncode}): " \
+                                  f"{first.stderr.read().decode()[-3000:]}"
+    resumed = run_cli(["-m", *TINY_DATA, *SEARCH, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                       f"sweep.resume={sweep_dir}", f"mlflow.tracking_uri={uri}"], cwd=work, cache=cache,
+                      timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    return work, killed_at, resumed
+
+
+def test_the_resumed_search_trains_only_the_missing_candidates(resumed_search):
+    work, (parents_before, before), resumed = resumed_search
+    parents, children = _children(store_uri(work))
+    # One parent: the resumed search continued it.
+    assert [p.info.run_id for p in parents] == [p.info.run_id for p in parents_before]
+    finished_before = {c.info.run_id for c in before if c.info.status == "FINISHED"}
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert finished_before <= {c.info.run_id for c in finished}
+    # Each point of the search trained once: start + 3 trainable axes x 2 steps.
+    keys = [" ".join(c.data.params[f"model.{f}"] for f in FACTORS) for c in finished]
+    assert len(keys) == len(set(keys)) == 7
+    trained_after = len(finished) - len(finished_before)
+    assert trained_after >= 1
+    assert f"({trained_after} trained here)" in resumed.stdout
+    # The killed jobs' runs were removed from the parent; nothing is left RUNNING.
+    assert all(c.info.status in ("FINISHED", "FAILED") for c in children)
+    assert parents[0].info.status == "FINISHED"
+
+
+def test_the_search_records_its_path_and_a_failed_axis(resumed_search):
+    work, _, resumed = resumed_search
+    sweep_dir = work / "sweep"
+    path = pd.read_csv(sweep_dir / "expansion_path.csv")
+    assert list(path.columns[:5]) == ["step", "axis", "chosen", "status", "reused"]
+    assert {*FACTORS, "gmacs", "params", "val_top1", "test_top1", "run_id"} <= set(path.columns)
+    assert list(path.step) == [0, 1, 1, 1, 1, 2, 2, 2, 2]
+    assert list(path.axis) == ["start"] + ["gamma_t", "gamma_s", "gamma_w", "gamma_b"] * 2
+    width = path[path.axis == "gamma_w"]
+    assert set(width.status) == {"FAILED"} and width.error.str.contains("must be > 0").all()
+    assert (path[path.axis != "gamma_w"].status == "FINISHED").all()
+    # One chosen model per step, each the one the rule picks from its step, the next step grown from it.
+    chosen = path[path.chosen]
+    assert list(chosen.step) == [0, 1, 2]
+    for step in (1, 2):
+        base = chosen[chosen.step == step - 1].iloc[0]
+        rows = path[(path.step == step) & (path.status == "FINISHED")]
+        gain = (rows.val_top1 - base.val_top1) / (rows.gmacs - base.gmacs)
+        best = rows.loc[(gain == gain.max())].sort_values("gmacs").iloc[0]
+        assert chosen[chosen.step == step].iloc[0].axis == best.axis
+        assert (rows.gmacs > base.gmacs).all()
+    # The parent carries the path, its plot and the found model; the sweep's last line says what was found.
+    parents, children = _children(store_uri(work))
+    assert {"expansion_path.csv", "expansion_path.png", "found_model.yaml"} <= \
+        set(artifact_paths(store_uri(work), parents[0].info.run_id))
+    assert (sweep_dir / "expansion_path.png").read_bytes().startswith(b"\x89PNG")
+    last = [line for line in resumed.stdout.splitlines() if line.strip()][-1]
+    assert re.match(r"sweep progressive: 2 steps, 9 candidates \(\d trained here\), found gamma_t=\S+ .* at "
+                    r"[0-9.]+ GMACs", last), last
+    # Each candidate's run: its step and axis as tags, each factor a param, val and test top-1.
+    for child in children:
+        if child.info.status == "FINISHED":
+            assert child.data.tags["sweep.step"] in ("0", "1", "2") and child.data.tags["sweep.axis"]
+            assert "val/top1" in child.data.metrics and "test/top1" in child.data.metrics
+            assert all(f"model.{f}" in child.data.params for f in FACTORS)
+
+
+def test_the_found_model_trains_with_model_equals(resumed_search, cache):
+    work, _, _ = resumed_search
+    sweep_dir = work / "sweep"
+    path = pd.read_csv(sweep_dir / "expansion_path.csv")
+    found = path[path.chosen].iloc[-1]
+    (work / "found").mkdir()
+    done = run_cli(["--config-dir", str(sweep_dir), "model=found_model", *TINY_DATA, "trainer.epochs=1",
+                    f"hydra.run.dir={work / 'found' / 'run'}", f"mlflow.tracking_uri={store_uri(work / 'found')}"],
+                   cwd=work, cache=cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = final_json(done.stdout)
+    assert "x".join(str(d) for d in result["clip"]) == found.clip and result["gmacs"] == pytest.approx(found.gmacs)
