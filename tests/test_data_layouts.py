@@ -251,11 +251,12 @@ def test_ssv2_template_without_brackets_is_the_class_and_val_test_read_validatio
     rows = list(build_loader(cfg, "val", **SIZES).dataset.create_dict_iterator(num_epochs=1, output_numpy=True))
     assert rows[0]["video_index"].tolist() == [0, -1] and rows[0]["label"][0] == 2
 
-    # The json files straight in ROOT, with the names PySlowFast's SSv2 reader does not need.
+    # The json files and the videos straight in ROOT.
     flat = tmp_path / "flat"
     ssv2(flat, LABELS, {"train": [("1", "Putting [something] on a surface")], "validation": []},
          annotation_dir=".", video_dir=".")
-    assert listed(ssv2_cfg(flat, num_classes=3, video_dir=None), flat)["train"] == [("1.webm", 2)]
+    videos = load_split(ssv2_cfg(flat, num_classes=3, video_dir=None), flat, "train")
+    assert (videos.paths[0], videos.labels.tolist()) == (str(flat / "1.webm"), [2])
     with pytest.raises(DataError, match=r"validation\.json: expected a non-empty JSON object or array"):
         load_split(ssv2_cfg(flat, num_classes=3), flat, "val")
 
