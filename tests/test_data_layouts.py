@@ -176,6 +176,12 @@ def test_folder_reads_the_users_own_lists_and_writes_to_a_given_splits_dir(tmp_p
     listed(folder_cfg(root, splits_dir=str(elsewhere)), root)
     assert sorted(p.name for p in elsewhere.iterdir()) == ["split.json", "test.csv", "train.csv", "val.csv"]
     assert not (root / "splits").exists()
+    # A folder of something else is never written into.
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"taken: exists and holds no train.csv"):
+        load_split(folder_cfg(root, splits_dir=str(tmp_path / "taken")), root, "train")
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
 
 
 # --- HMDB51 -------------------------------------------------------------------------------------------------------

@@ -344,7 +344,7 @@ def _json_items(path: Path):
     so that a bad entry is named by its line."""
     if not path.is_file():
         raise DataError(f"{path}: annotation file not found")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         document = json.loads(text)
     except json.JSONDecodeError as err:
@@ -502,9 +502,9 @@ def _write_folder_split(root: Path, splits_dir: Path, fractions: List[float]) ->
             if not (splits_dir / "train.csv").is_file():
                 raise DataError(f"{splits_dir}: exists and holds no train.csv: point data.splits_dir at a new or "
                                 f"empty folder") from None
-    except PermissionError as err:
-        raise DataError(f"{splits_dir}: cannot write the split lists ({err.strerror}): set data.splits_dir to a "
-                        f"writable folder") from None
+    except OSError as err:  # a read-only dataset folder, typically
+        raise DataError(f"{splits_dir}: cannot write the split lists ({err.strerror or err}): set data.splits_dir "
+                        f"to a writable folder") from None
     log.info("data=folder: wrote the split of %d videos to %s", record["videos"], splits_dir)
 
 

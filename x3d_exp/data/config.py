@@ -28,7 +28,8 @@ class DataConfig:
     annotation_prefix: str = "kinetics-400"
     # null: the annotation's own class count (data=folder: its class folders), filled in before the run starts.
     num_classes: Optional[int] = 400
-    # Subfolders of data.root holding the annotation files and the videos (hmdb51, ssv2); null: data.root itself.
+    # Folders of the annotation files and of the videos (hmdb51, ssv2), relative to data.root or absolute; null:
+    # data.root itself.
     annotation_dir: Optional[str] = None
     video_dir: Optional[str] = None
     # data=folder: train/val/test fractions of each class, and where the split lists are written (null: ROOT/splits).
