@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.data_helpers.layouts import (SIZES, data_cfg, kinetics_official, slowfast_lists, ucf101,
+from tests.data_helpers.layouts import (SIZES, data_cfg, kinetics_official, slowfast_lists, tiny_copy, ucf101,
                                         write_video)
 from x3d_exp.data import DataError, build_loader, ensure_synthetic, load_video_views
 from x3d_exp.data.synthetic import CLASSES, render
@@ -425,31 +425,18 @@ def test_a_failure_inside_the_dataset_pipeline_is_one_line_naming_the_file():
     assert str(caught.value) == "data=k400: OSError: cannot open /data/k400/train/clip_3.mp4: Input/output error"
 
 
-def _tiny_copy(group: str, root: Path, num_classes: int) -> None:
-    """Eight training videos (one batch of the groups' default 8) and one val/test video, in the group's layout:
-    UCF101's own lists with its 101 classes, PySlowFast's `path label` lists for Kinetics-400/600 (whose class
-    count is the largest label + 1, so the last class is among the eight)."""
-    if group == "ucf101":
-        classes = [f"Action{k:03d}" for k in range(num_classes)]
-        train = [(f"Action{k:03d}/v_Action{k:03d}_g01_c0{j}.avi", k + 1) for k in range(4) for j in (1, 2)]
-        ucf101(root, classes, train, ["Action002/v_Action002_g05_c01.avi"])
-    else:
-        labels = [k * (num_classes - 1) // 7 for k in range(8)]
-        slowfast_lists(root, {"train": [(f"train/{k}.mp4", label) for k, label in enumerate(labels)],
-                              "val": [("val/0.mp4", labels[3])], "test": [("test/0.mp4", labels[5])]})
-
-
 @pytest.mark.slow
 # k600 is k400's code path with another annotation prefix and class count (composed in test_config); a third CLI run
-# would cost the suite ~45 s more.
-@pytest.mark.parametrize("group, classes", [("ucf101", "101"), ("k400", "400")])
+# would cost the suite ~45 s more. data=folder's class count is not set: the tiny copy has 2 class folders.
+@pytest.mark.parametrize("group, classes", [("ucf101", "101"), ("k400", "400"), ("hmdb51", "51"), ("ssv2", "174"),
+                                            ("folder", "2")])
 def test_each_real_data_group_runs_through_the_cli_with_its_own_defaults(group, classes, tmp_path, cache):
     """data=<group> as a user runs it: the group's batch (8), workers (auto), class count and 10x3 test views, and
     the model's own clip (X3D-XS, 4 x 160 px); only the epochs are cut. A 4-core default once crashed 2-core
     machines in build_loader (num_parallel_workers out of bounds)."""
     from tests.cli_helpers import final_json, run_cli, runs_of, store_uri
 
-    _tiny_copy(group, tmp_path / group, int(classes))
+    tiny_copy(group, tmp_path / group, int(classes))
     done = run_cli([f"data={group}", f"data.root={tmp_path / group}", "trainer.epochs=1",
                     f"hydra.run.dir={tmp_path / 'run'}", f"mlflow.tracking_uri={store_uri(tmp_path)}"],
                    cwd=tmp_path, cache=cache, timeout=900)

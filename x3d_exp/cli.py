@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from x3d_exp.config import JobContext, validate
+from x3d_exp.data import resolve_num_classes
 from x3d_exp.env import under_msrun
 from x3d_exp.errors import UserError
 from x3d_exp.tasks import DISTRIBUTED_TASKS, task_function
@@ -42,9 +43,13 @@ def job_context() -> JobContext:
 
 
 def run_task(cfg: DictConfig, job: JobContext):
-    """Validate, run `cfg.task` and print its result as the last stdout line; a user error exits 2 with one line."""
+    """Validate, derive a null `data.num_classes` from the data, run `cfg.task` and print its result as the last stdout
+    line; a user error exits 2 with one line."""
     try:
         validate(cfg)
+        if cfg.data.num_classes is None:
+            # The network's head, the metrics and the MLflow params all read data.num_classes: fixed here, once.
+            cfg.data.num_classes = resolve_num_classes(cfg.data)
         world_size = int(cfg.launcher.nproc) * int(cfg.launcher.nnodes)
         if cfg.task in DISTRIBUTED_TASKS and world_size > 1 and not under_msrun():
             from x3d_exp.distributed import msrun

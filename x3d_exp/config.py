@@ -196,7 +196,8 @@ def validate(cfg: DictConfig) -> None:
              "must be >= 1", cfg.data.eval_batch_size)
     _require(valid_num_workers(cfg.data.num_workers), "data.num_workers", "must be auto or a whole number >= 0",
              cfg.data.num_workers)
-    _require(cfg.data.num_classes >= 1, "data.num_classes", "must be >= 1", cfg.data.num_classes)
+    _require(cfg.data.num_classes is None or cfg.data.num_classes >= 1, "data.num_classes",
+             "must be >= 1 (or null: the dataset's own count)", cfg.data.num_classes)
     _require(0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]",
              cfg.data.max_bad_fraction)
     _require(cfg.data.test_num_clips >= 1, "data.test_num_clips", "must be >= 1", cfg.data.test_num_clips)

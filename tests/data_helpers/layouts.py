@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import av
 import numpy as np
@@ -16,8 +18,10 @@ SIZES = dict(num_frames=4, sampling_rate=2, crop_size=16, test_crop_size=20, tra
 
 
 def write_video(path: Path, value: int, *, codec: str = "libx264", width: int = WIDTH, height: int = HEIGHT,
-                frames: int = FRAMES, fps: int = FPS) -> None:
-    """A real encoded video whose frame t is uniformly grey `value + t` (so tests can read back the sampling)."""
+                frames: int = FRAMES, fps: int = FPS, ramp_to: Optional[int] = None) -> None:
+    """A real encoded video whose frame t is uniformly grey `value + t` (so tests can read back the sampling); with
+    `ramp_to` the grey rises from there at the left edge to `ramp_to` at the right one (so tests can tell left from
+    right)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps)
@@ -26,6 +30,8 @@ def write_video(path: Path, value: int, *, codec: str = "libx264", width: int = 
             stream.options = {"crf": "0", "threads": "1"}
         for t in range(frames):
             image = np.full((height, width, 3), min(255, value + t), np.uint8)
+            if ramp_to is not None:
+                image[:] = np.linspace(min(255, value + t), ramp_to, width).astype(np.uint8)[None, :, None]
             for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
@@ -81,3 +87,88 @@ def ucf101(root: Path, classes: Sequence[str], train: Sequence[tuple], test: Seq
     (lists / "testlist01.txt").write_bytes(crlf.join(test).encode() + b"\r\n")
     for k, video in enumerate([v for v, _ in train] + list(test)):
         write_video(root / "UCF-101" / video, 20 * k, codec="mpeg4")
+
+
+# The extensions and codecs a folder of one's own videos mixes.
+FOLDER_CODECS = ((".mp4", "libx264"), (".avi", "mpeg4"), (".mkv", "libx264"), (".webm", "libvpx-vp9"))
+
+
+def class_folders(root: Path, counts: Dict[str, int]) -> Dict[str, List[Path]]:
+    """ROOT/<class>/<class>_<k>.<ext>, counts[class] videos each, cycling through .mp4, .avi, .mkv and .webm;
+    returns the paths per class."""
+    paths = {}
+    for c, (name, count) in enumerate(counts.items()):
+        paths[name] = []
+        for k in range(count):
+            extension, codec = FOLDER_CODECS[k % len(FOLDER_CODECS)]
+            video = root / name / f"{name}_{k}{extension}"
+            write_video(video, 10 * c + k, codec=codec)
+            paths[name].append(video)
+    return paths
+
+
+def hmdb51(root: Path, marks: Dict[str, Sequence[Tuple[str, int]]], annotation_dir: str = "testTrainMulti_7030_splits",
+           folds: Sequence[int] = (1,)) -> None:
+    """marks[class] = [(video name, 0 unused | 1 train | 2 test)]: the official split files
+    `<class>_test_split<N>.txt` (one `name id ` line per video, with the trailing space they have) for each fold,
+    and ROOT/<class>/<name> .avi (MPEG-4 part 2) videos of those marked 1 or 2."""
+    lists = root / annotation_dir
+    lists.mkdir(parents=True, exist_ok=True)
+    for c, (name, videos) in enumerate(marks.items()):
+        for fold in folds:
+            (lists / f"{name}_test_split{fold}.txt").write_text("".join(f"{v} {mark} \n" for v, mark in videos))
+        for k, (video, mark) in enumerate(videos):
+            if mark:
+                write_video(root / name / video, 10 * c + k, codec="mpeg4")
+
+
+def ssv2(root: Path, labels: Sequence[str], entries: Dict[str, Sequence[Tuple[str, str]]],
+         annotation_dir: str = "labels", video_dir: str = "20bn-something-something-v2",
+         **video_options) -> Dict[str, List[Path]]:
+    """labels.json ({name: "id"}, id = position in `labels`), and entries[split] = [(video id, template)] as
+    train.json / validation.json entries (template with [placeholders]), with their VP9 .webm videos (written with
+    `video_options`, see write_video); returns the video paths per split."""
+    lists = root / annotation_dir
+    lists.mkdir(parents=True, exist_ok=True)
+    (lists / "labels.json").write_text(json.dumps({name: str(i) for i, name in enumerate(labels)}, indent=1))
+    paths = {}
+    for split, items in entries.items():
+        rows, paths[split] = [], []
+        for k, (video_id, template) in enumerate(items):
+            # As published: `label` is the template with its placeholders filled in, lower case.
+            rows.append({"id": video_id, "label": re.sub(r"\[[^]]*\]", "cup", template).lower(), "template": template,
+                         "placeholders": ["cup"] * template.count("[")})
+            video = root / video_dir / f"{video_id}.webm"
+            write_video(video, 20 * k, codec="libvpx-vp9", **video_options)
+            paths[split].append(video)
+        (lists / f"{split}.json").write_text(json.dumps(rows, indent=1))
+    return paths
+
+
+def tiny_copy(group: str, root: Path, num_classes: int) -> None:
+    """Eight training videos (one batch of the groups' default 8) and one val/test video, in the group's layout, with
+    the group's class count: UCF101's own lists with its 101 classes, PySlowFast's `path label` lists for
+    Kinetics-400/600 (whose class count is the largest label + 1, so the last class is among the eight), HMDB51's
+    split files of 51 classes, SSv2's json of 174 labels, and for data=folder one class of ten videos (8 train,
+    1 val, 1 test) and one of two, too few to split (both train)."""
+    spread = [k * (num_classes - 1) // 7 for k in range(8)]
+    if group == "ucf101":
+        classes = [f"Action{k:03d}" for k in range(num_classes)]
+        train = [(f"Action{k:03d}/v_Action{k:03d}_g01_c0{j}.avi", k + 1) for k in range(4) for j in (1, 2)]
+        ucf101(root, classes, train, ["Action002/v_Action002_g05_c01.avi"])
+    elif group == "hmdb51":
+        marks = {f"action_{k:02d}": [(f"action_{k:02d}_v1.avi", 1 if k in spread else 0),
+                                     (f"action_{k:02d}_v2.avi", 2 if k == spread[3] else 0)]
+                 for k in range(num_classes)}
+        hmdb51(root, marks)
+    elif group == "ssv2":
+        labels = [f"Doing something number {k}" for k in range(num_classes)]
+        templates = [f"Doing [something] number {k}" for k in range(num_classes)]
+        ssv2(root, labels, {"train": [(str(100 + k), templates[label]) for k, label in enumerate(spread)],
+                            "validation": [("7", templates[spread[5]])]})
+    elif group == "folder":
+        assert num_classes == 2
+        class_folders(root, {"many": 10, "few": 2})
+    else:
+        slowfast_lists(root, {"train": [(f"train/{k}.mp4", label) for k, label in enumerate(spread)],
+                              "val": [("val/0.mp4", spread[3])], "test": [("test/0.mp4", spread[5])]})

@@ -27,12 +27,20 @@ class SyntheticConfig:
 @dataclass
 class DataConfig:
     name: str = "synthetic"
-    # kinetics (official CSV or the PySlowFast `path label` lists) | ucf101
+    # kinetics (official CSV or the PySlowFast `path label` lists) | ucf101 | hmdb51 | ssv2 | folder (docs/data.md)
     format: str = "kinetics"
     root: Optional[str] = None
     # Prefix of the official Kinetics CSVs: kinetics-400_{train,val,test}.csv
     annotation_prefix: str = "kinetics-400"
-    num_classes: int = 400
+    # null: the annotation's own class count (data=folder: its class folders), filled in before the run starts.
+    num_classes: Optional[int] = 400
+    # Folders of the annotation files and of the videos (hmdb51, ssv2), relative to data.root or absolute; null:
+    # data.root itself.
+    annotation_dir: Optional[str] = None
+    video_dir: Optional[str] = None
+    # data=folder: train/val/test fractions of each class, and where the split lists are written (null: ROOT/splits).
+    split_fractions: List[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    splits_dir: Optional[str] = None
     split: int = 1
     batch_size: int = 8
     eval_batch_size: Optional[int] = None
@@ -47,6 +55,8 @@ class DataConfig:
     # spatial_scale multiplies the derived crops and scale jitter (not a size given below), so a cheap proxy task
     # keeps the model's resolution ratios: 0.4 trains X3D-XS at 64 px and gamma_s=2 at 90 px.
     spatial_scale: float = 1.0
+    # Random horizontal flip of training clips; off where left and right are different classes (ssv2).
+    train_flip: bool = True
     # Optional overrides of the model's input sizes (null: take the model's own).
     num_frames: Optional[int] = None
     sampling_rate: Optional[int] = None

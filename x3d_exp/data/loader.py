@@ -97,6 +97,7 @@ class ClipSpec:
     target_fps: float
     num_clips: int  # temporal clips per video (test split)
     num_crops: int  # spatial crops per clip (test split)
+    train_flip: bool = True  # off where left and right are different classes (data.train_flip)
 
 
 def train_clip(path: str, spec: ClipSpec, rng: np.random.Generator) -> np.ndarray:
@@ -104,7 +105,7 @@ def train_clip(path: str, spec: ClipSpec, rng: np.random.Generator) -> np.ndarra
     short_side = max(int(rng.integers(spec.train_scale[0], spec.train_scale[1] + 1)), spec.crop_size)
     frames = read_clips(path, short_side, [float(rng.random())], num_frames=spec.num_frames,
                         sampling_rate=spec.sampling_rate, target_fps=spec.target_fps)[0]
-    return normalise(train_crop(frames, spec.crop_size, rng))
+    return normalise(train_crop(frames, spec.crop_size, rng, spec.train_flip))
 
 
 def eval_views(path: str, spec: ClipSpec, num_clips: int, num_crops: int) -> np.ndarray:
@@ -261,6 +262,14 @@ def resolve_root(data_cfg, min_size: int = 0) -> Path:
     return Path(str(data_cfg.root)).expanduser()
 
 
+def resolve_num_classes(data_cfg) -> int:
+    """`data.num_classes`, or when it is null the class count of the dataset's annotation (data=folder: of its
+    class folders, whose split this writes if it is not written yet)."""
+    if data_cfg.num_classes is not None:
+        return int(data_cfg.num_classes)
+    return len(load_split(data_cfg, resolve_root(data_cfg), "train").class_names)
+
+
 def _default_bad_log_dir() -> str:
     path = tempfile.mkdtemp(prefix="x3d_exp_bad_videos_")
     owner = os.getpid()
@@ -300,10 +309,10 @@ def build_loader(data_cfg, split: str, *, num_frames: int, sampling_rate: int, c
         raise DataError(f"shard_id={shard_id}: must be in [0, num_shards={num_shards})")
     scale = _check_sizes(num_frames, sampling_rate, crop_size, test_crop_size, train_scale)
     root = resolve_root(data_cfg, max(scale[1], int(test_crop_size)))
-    videos = load_split(data_cfg.format, root, split, annotation_prefix=data_cfg.annotation_prefix,
-                        num_classes=int(data_cfg.num_classes), fold=int(data_cfg.split))
+    videos = load_split(data_cfg, root, split)
     spec = ClipSpec(int(num_frames), int(sampling_rate), int(crop_size), int(test_crop_size), scale,
-                    float(data_cfg.target_fps), int(data_cfg.test_num_clips), int(data_cfg.test_num_crops))
+                    float(data_cfg.target_fps), int(data_cfg.test_num_clips), int(data_cfg.test_num_crops),
+                    bool(data_cfg.train_flip))
     training = split == "train"
     if batch_size is None:
         batch_size = data_cfg.batch_size if training else (data_cfg.eval_batch_size or data_cfg.batch_size)

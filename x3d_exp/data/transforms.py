@@ -19,13 +19,15 @@ def normalise(frames: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(out, -1, -4))
 
 
-def train_crop(frames: np.ndarray, crop: int, rng: np.random.Generator) -> np.ndarray:
-    """Random `crop`x`crop` window and a horizontal flip with p=0.5 of frames [T, H, W, 3]."""
+def train_crop(frames: np.ndarray, crop: int, rng: np.random.Generator, flip: bool = True) -> np.ndarray:
+    """Random `crop`x`crop` window of frames [T, H, W, 3], and with `flip` a horizontal flip with p=0.5."""
     height, width = frames.shape[1:3]
     top = int(rng.integers(0, height - crop + 1))
     left = int(rng.integers(0, width - crop + 1))
     clip = frames[:, top:top + crop, left:left + crop]
-    if rng.random() < 0.5:
+    # Drawn either way, so that switching the flip off leaves the rest of a seed's augmentation as it was.
+    flipped = rng.random() < 0.5
+    if flip and flipped:
         clip = clip[:, :, ::-1]
     return clip
 

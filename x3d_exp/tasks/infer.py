@@ -71,9 +71,7 @@ def dataset_labels(data: DictConfig, num_classes: int) -> Tuple[Optional[List[st
     reasons = []
     for split in SPLITS:
         try:
-            videos = load_split(data.format, Path(str(data.root)).expanduser(), split,
-                                annotation_prefix=data.annotation_prefix, num_classes=int(data.num_classes),
-                                fold=int(data.split))
+            videos = load_split(data, Path(str(data.root)).expanduser(), split)
         except DataError as err:
             reasons.append(str(err))
             continue

@@ -7,6 +7,7 @@ RUNNING. `mlflow.enabled=false`, like ranks other than 0, makes every method a n
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -122,8 +123,11 @@ class Tracker:
         inputs = []
         for split, loader in loaders.items():
             path = Path(loader.annotation).resolve()
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-            dataset = mlflow.entities.Dataset(name=name, digest=digest, source_type="local",
+            # HMDB51's annotation is one file per class: a glob pattern, hashed over its files in order.
+            digest = hashlib.sha256()
+            for file in sorted(glob.glob(str(path))) or [path]:
+                digest.update(Path(file).read_bytes())
+            dataset = mlflow.entities.Dataset(name=name, digest=digest.hexdigest()[:16], source_type="local",
                                               source=json.dumps({"uri": str(path)}))
             context = mlflow.entities.InputTag("mlflow.data.context", split)
             inputs.append(mlflow.entities.DatasetInput(dataset, [context]))
