@@ -188,7 +188,7 @@ def test_the_resumed_search_trains_only_the_missing_candidates(resumed_search):
     assert len(keys) == len(set(keys)) == 7
     trained_after = len(finished) - len(finished_before)
     assert trained_after >= 1
-    assert f"({trained_after} trained here)" in resumed.stdout
+    assert f"({trained_after} trained here, 2 failed)" in resumed.stdout
     # The killed jobs' runs were removed from the parent; nothing is left RUNNING.
     assert all(c.info.status in ("FINISHED", "FAILED") for c in children)
     assert parents[0].info.status == "FINISHED"
@@ -221,7 +221,7 @@ def test_the_search_records_its_path_and_a_failed_axis(resumed_search):
         set(artifact_paths(store_uri(work), parents[0].info.run_id))
     assert (sweep_dir / "expansion_path.png").read_bytes().startswith(b"\x89PNG")
     last = [line for line in resumed.stdout.splitlines() if line.strip()][-1]
-    assert re.match(r"sweep progressive: 2 steps, 9 candidates \(\d trained here\), found gamma_t=\S+ .* at "
+    assert re.match(r"sweep progressive: 2 steps, 9 candidates \(\d trained here, 2 failed\), found gamma_t=\S+ .* at "
                     r"[0-9.]+ GMACs", last), last
     # Each candidate's run: its step and axis as tags, each factor a param, val and test top-1.
     for child in children:
@@ -242,4 +242,4 @@ def test_the_found_model_trains_with_model_equals(resumed_search, cache):
                    cwd=work, cache=cache)
     assert done.returncode == 0, done.stderr[-3000:]
     result = final_json(done.stdout)
-    assert "x".join(str(d) for d in result["clip"]) == found.clip and result["gmacs"] == pytest.approx(found.gmacs)
+    assert "x".join(str(d) for d in result["clip"]) == found["clip"] and result["gmacs"] == pytest.approx(found.gmacs)

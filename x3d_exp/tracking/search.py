@@ -353,10 +353,11 @@ def _record(search: ProgressiveSearch, found: Optional[Candidate], sweep_dir: Pa
         return
     last = found or search.path[-1]
     paths = search.write_artifacts(sweep_dir, last, "progressive expansion")
-    trained = sum(1 for c in search.candidates if not c.reused)
+    trained = sum(1 for c in search.candidates if not c.reused and c.finished)
+    failed = sum(1 for c in search.candidates if c.status != "FINISHED")
     factors = " ".join(f"{k}={v:.4g}" for k, v in last.factors.items())
     steps = max(c.step for c in search.path)
-    line = (f"{steps} steps, {len(search.candidates)} candidates ({trained} trained here), "
+    line = (f"{steps} steps, {len(search.candidates)} candidates ({trained} trained here, {failed} failed), "
             f"{'found' if found else 'stopped at'} {factors} at {last.gmacs:.4f} GMACs "
             f"(val top-1 {last.val_top1:.3f}, rule {settings.rule}); {FOUND_MODEL}: {paths[2]}")
     (sweep_dir / SEARCH_RESULT).write_text(json.dumps({"line": line}))
