@@ -26,7 +26,7 @@ from x3d_exp.data.annotations import VideoList, load_split
 from x3d_exp.data.badlog import BadVideoLog
 from x3d_exp.data.config import valid_num_workers
 from x3d_exp.data.transforms import normalise, test_crops, train_crop
-from x3d_exp.data.synthetic import ensure_synthetic
+from x3d_exp.data.synthetic import SYNTHETIC_GROUPS, ensure_synthetic
 from x3d_exp.data.video import BadVideo, read_clips
 from x3d_exp.errors import DataError
 
@@ -255,7 +255,7 @@ class Loader:
 
 def resolve_root(data_cfg, min_size: int = 0) -> Path:
     """The dataset folder; the synthetic set is generated here, with a short side of at least `min_size`."""
-    if data_cfg.name == "synthetic":
+    if data_cfg.name in SYNTHETIC_GROUPS:
         return ensure_synthetic(data_cfg, min_size)
     if not data_cfg.root:
         raise DataError(f"data.root is not set: point it at your {data_cfg.name} copy (data.root=/path)")
