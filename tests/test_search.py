@@ -243,3 +243,25 @@ def test_the_found_model_trains_with_model_equals(resumed_search, cache):
     assert done.returncode == 0, done.stderr[-3000:]
     result = final_json(done.stdout)
     assert "x".join(str(d) for d in result["clip"]) == found["clip"] and result["gmacs"] == pytest.approx(found.gmacs)
+
+
+def test_a_wheel_install_puts_the_sweeper_where_hydra_finds_it(tmp_path):
+    """A normal (non-editable) install: the wheel, installed into a fresh virtual environment."""
+    wheel_dir, venv = tmp_path / "wheel", tmp_path / "venv"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(wheel_dir), str(REPO)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = wheel_dir.glob("x3d_exp-*.whl")
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    python = str(venv / "bin" / "python")
+    installed = subprocess.run([python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], capture_output=True,
+                               text=True, timeout=600)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    probe = ("import hydra_plugins.x3d_exp_search as m; from hydra.core.plugins import Plugins; "
+             "from hydra.plugins.sweeper import Sweeper; print(m.__file__); "
+             "print(' '.join(p.__name__ for p in Plugins.instance().discover(Sweeper)))")
+    found = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert found.returncode == 0, found.stderr[-3000:]
+    where, sweepers = found.stdout.strip().splitlines()[-2:]
+    assert where.startswith(str(venv)) and where.endswith("hydra_plugins/x3d_exp_search/__init__.py"), where
+    assert "ProgressiveSweeper" in sweepers.split()
