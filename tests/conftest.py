@@ -49,3 +49,17 @@ def expansion(tmp_path_factory, cache):
                     clip_follows_model=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return work, done
+
+
+# Session fixtures that run a whole job: under pytest-xdist every test that uses one goes to the same worker, so the
+# job runs once.
+SHARED_JOBS = ("trained", "expansion")
+
+
+def pytest_collection_modifyitems(config, items):
+    """With `-n N --dist loadgroup` (pytest-xdist): one group per shared job, else one per test file (which keeps a
+    file's module-scoped fixtures, such as test_search's resumed search, in one worker)."""
+    for item in items:
+        shared = [name for name in SHARED_JOBS if name in item.fixturenames]
+        group = shared[0] if shared else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
