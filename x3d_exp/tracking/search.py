@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -37,6 +37,10 @@ RULES = ("gain_per_gmac", "accuracy")
 PATH_CSV = "expansion_path.csv"
 PATH_PLOT = "expansion_path.png"
 FOUND_MODEL = "found_model.yaml"
+
+
+# What training a candidate tells (the rest of a Candidate says what it is).
+OUTCOME = ("status", "val_top1", "test_top1", "gmacs", "params", "clip", "run_id", "error")
 
 
 @dataclass
@@ -189,8 +193,8 @@ class ProgressiveSearch:
         for candidate in batch:
             earlier = self.done.get(candidate.key)
             if earlier is not None:
-                candidate.__dict__.update({k: v for k, v in asdict(earlier).items()
-                                           if k not in ("step", "axis", "factors", "chosen")})
+                for name in OUTCOME:
+                    setattr(candidate, name, getattr(earlier, name))
                 candidate.reused = True
             else:
                 missing.append(candidate)
