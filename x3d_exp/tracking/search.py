@@ -332,7 +332,8 @@ def run_progressive_sweep(config, arguments: Sequence[str], launcher) -> Candida
         except Exception as err:  # noqa: BLE001 - e.g. submitit's launch() raises when one job dies outside the task
             log.error("the launcher lost jobs %d-%d: %s", first, next_job - 1, err)
             returns = [None] * len(batch)
-            reason = f"the launcher lost the batch: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            first_line = next(iter(str(err).splitlines()), "")
+            reason = f"the launcher lost the batch: {type(err).__name__}: {first_line[:300]}"
             for candidate in batch:
                 candidate.status, candidate.error = "FAILED", reason
         for candidate, ret in zip(batch, returns):
