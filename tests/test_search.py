@@ -33,6 +33,11 @@ def test_each_axis_step_is_the_papers():
     sweep = compose_config("+sweep=progressive").sweep
     assert list(sweep.axes) == list(FACTORS) and dict(sweep.axis_steps) == pytest.approx(AXIS_STEPS)
     assert compose_config("+sweep=progressive").model.name == "x2d"
+    # sweep.resume names the sweep dir; without it, a new dated one.
+    assert compose_config("+sweep=progressive", "sweep.resume=/data/s", return_hydra_config=True).hydra.sweep.dir \
+        == "/data/s"
+    assert compose_config("+sweep=progressive", return_hydra_config=True).hydra.sweep.dir.startswith(
+        "multirun/progressive/20")
 
 
 def test_one_step_from_x2d_costs_what_the_paper_says_per_axis():

@@ -158,6 +158,9 @@ def register_configs() -> None:
 # import, so any process that reads our config (a Slurm job unpickling it, a test) can resolve it.
 if not OmegaConf.has_resolver("x3d_cache"):
     OmegaConf.register_new_resolver("x3d_cache", lambda name: str(cache_root() / str(name)))
+# ${x3d_or:${sweep.resume},<default>}: the value unless it is null (oc.select falls back only for a missing key).
+if not OmegaConf.has_resolver("x3d_or"):
+    OmegaConf.register_new_resolver("x3d_or", lambda value, default: default if value is None else value)
 
 
 def _require(condition: bool, key: str, message: str, value: Any) -> None:
