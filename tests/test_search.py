@@ -150,21 +150,24 @@ def _children(uri):
 
 @pytest.fixture(scope="module")
 def resumed_search(tmp_path_factory, cache):
-    """A 2-step search with 2 joblib workers, killed (the whole process group) once a step-2 candidate has
-    finished, then resumed with sweep.resume=<its dir>."""
+    """A 2-step search with 2 joblib workers in the sweep dir the config gives it (multirun/progressive/<date>),
+    killed (the whole process group) once a step-2 candidate has finished, then resumed with sweep.resume=<its
+    dir>. Returns the work dir, the runs at the kill, the resumed process and the sweep dir."""
     work = tmp_path_factory.mktemp("search")
-    sweep_dir, uri = work / "sweep", store_uri(work)
+    uri = store_uri(work)
     args = [sys.executable, str(REPO / "run.py"), "-m", *TINY_DATA, *SEARCH, "hydra/launcher=joblib",
-            "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep_dir}", f"mlflow.tracking_uri={uri}"]
+            "hydra.launcher.n_jobs=2", f"mlflow.tracking_uri={uri}"]
     first = subprocess.Popen(args, cwd=work, env=cli_env(cache), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 900
-    killed_at = None
+    killed_at = sweep_dir = None
     while first.poll() is None and time.time() < deadline:
         time.sleep(0.5)
         # Only once the search has its parent run: the store is migrated by then (two migrations at once fail).
-        if not (sweep_dir / "mlflow_parent_run_id").exists():
+        started = list(work.glob("multirun/progressive/*/mlflow_parent_run_id"))
+        if not started:
             continue
+        sweep_dir = started[0].parent
         _, children = _children(uri)
         if any(c.data.tags.get("sweep.step") == "2" and c.info.status == "FINISHED" for c in children):
             os.killpg(first.pid, signal.SIGKILL)
@@ -177,11 +180,11 @@ def resumed_search(tmp_path_factory, cache):
                        f"sweep.resume={sweep_dir}", f"mlflow.tracking_uri={uri}"], cwd=work, cache=cache,
                       timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    return work, killed_at, resumed
+    return work, killed_at, resumed, sweep_dir
 
 
 def test_the_resumed_search_trains_only_the_missing_candidates(resumed_search):
-    work, (parents_before, before), resumed = resumed_search
+    work, (parents_before, before), resumed, _ = resumed_search
     parents, children = _children(store_uri(work))
     # One parent: the resumed search continued it.
     assert [p.info.run_id for p in parents] == [p.info.run_id for p in parents_before]
@@ -200,8 +203,7 @@ def test_the_resumed_search_trains_only_the_missing_candidates(resumed_search):
 
 
 def test_the_search_records_its_path_and_a_failed_axis(resumed_search):
-    work, _, resumed = resumed_search
-    sweep_dir = work / "sweep"
+    work, _, resumed, sweep_dir = resumed_search
     path = pd.read_csv(sweep_dir / "expansion_path.csv")
     assert list(path.columns[:5]) == ["step", "axis", "chosen", "status", "reused"]
     assert {*FACTORS, "gmacs", "params", "val_top1", "test_top1", "run_id"} <= set(path.columns)
@@ -237,8 +239,7 @@ def test_the_search_records_its_path_and_a_failed_axis(resumed_search):
 
 
 def test_the_found_model_trains_with_model_equals(resumed_search, cache):
-    work, _, _ = resumed_search
-    sweep_dir = work / "sweep"
+    work, _, _, sweep_dir = resumed_search
     path = pd.read_csv(sweep_dir / "expansion_path.csv")
     found = path[path.chosen].iloc[-1]
     (work / "found").mkdir()
