@@ -195,6 +195,12 @@ def validate(cfg: DictConfig) -> None:
              "must be >= 1", cfg.data.eval_batch_size)
     _require(valid_num_workers(cfg.data.num_workers), "data.num_workers", "must be auto or a whole number >= 0",
              cfg.data.num_workers)
+    _require(valid_num_workers(cfg.data.decode_threads, minimum=1), "data.decode_threads",
+             "must be auto or a whole number >= 1", cfg.data.decode_threads)
+    clips = cfg.data.train_clips_per_video
+    _require(clips >= 1, "data.train_clips_per_video", "must be >= 1", clips)
+    _require(cfg.data.batch_size % clips == 0, "data.train_clips_per_video",
+             f"must divide data.batch_size={cfg.data.batch_size} (a batch holds the clips of whole videos)", clips)
     _require(cfg.data.num_classes >= 1, "data.num_classes", "must be >= 1", cfg.data.num_classes)
     _require(0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]",
              cfg.data.max_bad_fraction)
