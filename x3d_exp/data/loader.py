@@ -171,9 +171,9 @@ class TrainSource:
                         f"see {self.badlog.path}")
 
 
-def flatten_clips(clips: List[np.ndarray], labels: List[np.ndarray], batch_info=None):
-    """`batch(per_batch_map=)`: a batch of videos' [K, ...] clips and [K] labels as one batch of clips."""
-    return [clip for group in clips for clip in group], [label for group in labels for label in group]
+def flatten_clips(clips: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """A batch of videos' clips [B/K, K, ...] and labels [B/K, K] as one batch of B clips (a view, no copy)."""
+    return clips.reshape(-1, *clips.shape[2:]), labels.reshape(-1)
 
 
 class EvalSource:
@@ -405,8 +405,8 @@ def build_loader(data_cfg, split: str, *, num_frames: int, sampling_rate: int, c
                                       python_multiprocessing=workers > 0)
         if clips_per_video > 1:
             # A row is one video's K clips: batch B/K videos, then hand the model B clips.
-            dataset = dataset.batch(batch_size // clips_per_video, drop_remainder=bool(drop_remainder),
-                                    per_batch_map=flatten_clips, input_columns=columns)
+            dataset = dataset.batch(batch_size // clips_per_video, drop_remainder=bool(drop_remainder))
+            dataset = dataset.map(flatten_clips, input_columns=columns)
         else:
             dataset = dataset.batch(batch_size, drop_remainder=bool(drop_remainder))
     return Loader(dataset, split, num_videos, videos.class_names, badlog, float(data_cfg.max_bad_fraction), sampler,
