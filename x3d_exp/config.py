@@ -122,14 +122,15 @@ class Config:
     amp_level: str = "O0"
     ckpt: Optional[str] = None
     resume: Any = False
-    # Free-form sections owned by other tasks (convert / infer / export / sweep).
+    # Free-form sections owned by other tasks (convert / infer / export / prepare / sweep).
     convert: Any = field(default_factory=dict)
     infer: Any = field(default_factory=dict)
     export: Any = field(default_factory=dict)
+    prepare: Any = field(default_factory=dict)
     sweep: Any = field(default_factory=dict)
 
 
-TASKS = ("train", "test", "summary", "convert", "infer", "export")
+TASKS = ("train", "test", "summary", "convert", "infer", "export", "prepare")
 DEVICES = ("auto", "CPU", "GPU", "Ascend")
 AMP_LEVELS = ("O0", "O1", "O2", "O3", "auto")
 
