@@ -18,6 +18,11 @@ def frames_of(path) -> int:
         return sum(1 for _ in container.decode(video=0))
 
 
+def keyframes_of(path) -> int:
+    with av.open(str(path)) as container:
+        return sum(packet.is_keyframe for packet in container.demux(video=0) if packet.size)
+
+
 def files_under(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
@@ -41,7 +46,7 @@ def source(tmp_path):
 def test_prepare_reencodes_keeps_the_layout_counts_bad_files_and_resumes(source, tmp_path, cache):
     dst = tmp_path / "k400_24"
     args = ["task=prepare", f"prepare.src={source}", f"prepare.dst={dst}", "prepare.short_side=24",
-            "trainer.progress=on", f"hydra.run.dir={tmp_path / 'run'}"]
+            "prepare.keyint=4", "trainer.progress=on", f"hydra.run.dir={tmp_path / 'run'}"]
     done = run_cli(args, cwd=tmp_path, cache=cache)
     assert done.returncode == 0, done.stderr[-3000:]
     result = final_json(done.stdout)
@@ -58,6 +63,7 @@ def test_prepare_reencodes_keeps_the_layout_counts_bad_files_and_resumes(source,
     assert probe_size(str(dst / "clips/portrait.webm")) == (32, 24)
     assert all(frames_of(dst / name) == 16 for name in ("train/a_000000_000010.mp4", "val/c_000000_000010.avi",
                                                         "clips/portrait.webm"))
+    assert keyframes_of(dst / "train/a_000000_000010.mp4") == 4  # prepare.keyint=4 over 16 frames
     for name in ("kinetics-400_train.csv", "docs/README.txt", "train/small_000000_000010.mp4"):
         assert (dst / name).read_bytes() == (source / name).read_bytes()
     # The loader reads every re-encoded container (H.264 in .avi and in a Matroska file named .webm).

@@ -78,9 +78,10 @@ def even_size(height: int, width: int, short_side: int) -> Tuple[int, int]:
     return height + height % 2, width + width % 2
 
 
-def encode_video(src: Path, dst: Path, height: int, width: int, crf: int, preset: str) -> int:
-    """`src` re-encoded to `dst` at height x width (H.264, yuv420p, the source's frame rate); returns the frame
-    count. Raises BadVideo."""
+def encode_video(src: Path, dst: Path, height: int, width: int, crf: int, preset: str,
+                 keyint: Optional[int] = None) -> int:
+    """`src` re-encoded to `dst` at height x width (H.264, yuv420p, the source's frame rate, a keyframe at least
+    every `keyint` frames, None: x264's 250); returns the frame count. Raises BadVideo."""
     try:
         with av.open(str(src)) as source:
             if not source.streams.video:
@@ -91,7 +92,7 @@ def encode_video(src: Path, dst: Path, height: int, width: int, crf: int, preset
             with av.open(str(dst), "w", format=MUXERS.get(dst.suffix.lower(), "matroska")) as out:
                 encoder = out.add_stream("libx264", rate=rate)
                 encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
-                encoder.options = {"crf": str(crf), "preset": preset}
+                encoder.options = {"crf": str(crf), "preset": preset, **({"g": str(keyint)} if keyint else {})}
                 frames = 0
                 for frame in source.decode(stream):
                     frame = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
@@ -124,7 +125,7 @@ def _is_copy_of(src: Path, dst: Path) -> bool:
 
 
 def prepare_dataset(src: Path, dst: Path, short_side: int, *, crf: int = 23, preset: str = "veryfast",
-                    make_bar: Optional[Callable[[int], Any]] = None,
+                    keyint: Optional[int] = None, make_bar: Optional[Callable[[int], Any]] = None,
                     report: Callable[[str], None] = print) -> PrepareCounts:
     """Re-encode every video under `src` whose short side exceeds `short_side` into `dst` (same relative paths),
     copy the rest; resumable. `make_bar(total)` gives a tqdm-like progress bar over the files, `report` prints the
@@ -143,7 +144,7 @@ def prepare_dataset(src: Path, dst: Path, short_side: int, *, crf: int = 23, pre
             if is_video(relative) and target.exists():
                 counts.skipped += 1
             elif is_video(relative) and _needs_encoding(source, short_side):
-                encode_video(source, partial, *even_size(*probe_size(str(source)), short_side), crf, preset)
+                encode_video(source, partial, *even_size(*probe_size(str(source)), short_side), crf, preset, keyint)
                 os.replace(partial, target)
                 counts.encoded += 1
             elif _is_copy_of(source, target):

@@ -28,7 +28,7 @@ def task_prepare(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
     dst = options.get("dst") or f"{str(src).rstrip('/')}_{short_side}"
     started = time.perf_counter()
     counts = prepare_dataset(Path(str(src)), Path(str(dst)), short_side, crf=int(options.get("crf", 23)),
-                             preset=str(options.get("preset", "veryfast")),
+                             preset=str(options.get("preset", "veryfast")), keyint=options.get("keyint"),
                              make_bar=lambda total: progress_bar(cfg, total, f"prepare {Path(src).name} -> "
                                                                  f"{short_side}p"),
                              report=lambda line: tqdm.write(line, file=sys.stderr))
