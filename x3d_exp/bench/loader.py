@@ -226,11 +226,11 @@ def main(argv=None) -> dict:
 def format_table(row: dict, workers) -> str:
     """Loader rates as one line per split / K / threads with a column per worker count, then the PyAV baselines and
     the ratio of the one-process loader (0 workers) to them."""
-    lines = ["  loader                        " + "".join(f"{f'{w} workers':>12}" for w in workers)]
+    lines = ["  loader                        " + "".join(f"{f'{w} workers':>14}" for w in workers)]
     prefixes = sorted({key.rsplit(" workers=", 1)[0] for key in row if " workers=" in key})
     for prefix in prefixes:
         unit = "views/s" if prefix.startswith("test") else "clips/s"
-        cells = "".join(f"{row.get(f'{prefix} workers={w}', float('nan')):12.1f}" for w in workers)
+        cells = "".join(f"{row.get(f'{prefix} workers={w}', float('nan')):14.1f}" for w in workers)
         lines.append(f"  {prefix + ' ' + unit:<30}{cells}")
     for baseline in ("pyav_slowfast", "pyav_lean"):
         if baseline in row:

@@ -32,9 +32,10 @@ class DataConfig:
     eval_batch_size: Optional[int] = None
     # "auto": one decoding process per core, at most 8; a number above the cores is clamped (x3d_exp.data.loader).
     num_workers: Any = "auto"
-    # ffmpeg threads per video reader; "auto": the cores the decoding processes leave idle (all of them with 0 or
-    # 1 worker, 1 when the workers fill the cores).
-    decode_threads: Any = "auto"
+    # ffmpeg threads per video reader, or "auto": the cores the decoding processes leave idle (all of them with 0 or
+    # 1 worker, 1 when the workers fill the cores). 1: two threads measured no faster on 2 shared cores
+    # (docs/performance.md).
+    decode_threads: Any = 1
     # K clips from one decode of a training video, each augmented on its own (PySlowFast's AUG.NUM_SAMPLE): an epoch
     # has K x videos clips; data.batch_size counts clips and must be a multiple of K.
     train_clips_per_video: int = 1

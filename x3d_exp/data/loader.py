@@ -397,8 +397,9 @@ def build_loader(data_cfg, split: str, *, num_frames: int, sampling_rate: int, c
         source = EvalSource(videos, video_ids, spec, num_clips, num_crops, batch_size, badlog, max(1, workers))
         columns = ["clip", "label", "video_index"]
 
-    # Rows buffered ahead between pipeline stages (a global MindSpore setting: the last loader built sets it).
-    ds.config.set_prefetch_size(max(1, int(data_cfg.prefetch)) * batch_size)
+    # Rows buffered ahead between pipeline stages (a global MindSpore setting: the last loader built sets it); a
+    # training row holds K clips.
+    ds.config.set_prefetch_size(max(1, max(1, int(data_cfg.prefetch)) * batch_size // clips_per_video))
     with pipeline_errors(f"the {split} loader of {videos.annotation}"):
         dataset = ds.GeneratorDataset(source, column_names=columns, sampler=sampler,
                                       shuffle=None if training else False, num_parallel_workers=max(1, workers),
