@@ -88,7 +88,7 @@ def make_dataset(root: Path, num_files: int, seconds: int) -> Path:
 
 
 def time_loader(root: Path, setting: dict, workers, seconds: float, split: str = "train", clips_per_video: int = 1,
-                decode_threads="auto", batch_size: int = 4) -> float:
+                decode_threads=1, batch_size: int = 4) -> float:
     """Clips/s (test: views/s) of a loader, after its first batch (worker start-up) and for about `seconds`."""
     cfg = OmegaConf.structured(DataConfig(name="bench", root=str(root), annotation_prefix="bench", num_classes=2,
                                           num_workers=workers, batch_size=batch_size, decode_threads=decode_threads,
@@ -180,7 +180,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--splits", nargs="+", default=["train", "test"], choices=["train", "test"])
     parser.add_argument("--clips-per-video", nargs="+", type=int, default=[1, 2],
                         help="data.train_clips_per_video values to time for the train split")
-    parser.add_argument("--decode-threads", nargs="+", type=worker_count, default=["auto"],
+    parser.add_argument("--decode-threads", nargs="+", type=worker_count, default=[1],
                         help="data.decode_threads values to time")
     parser.add_argument("--no-baselines", action="store_true", help="skip the PyAV baselines")
     parser.add_argument("--seconds", type=float, default=4.0, help="timing window of one measurement")
