@@ -533,3 +533,17 @@ def test_each_test_video_is_decoded_once_for_all_its_views_with_two_workers(kine
     train = build_loader(data_cfg(root, num_workers=2, train_clips_per_video=2), "train", **SIZES, batch_size=4)
     assert len(batches(train)) == 3
     assert opened() == {"open": 6, "get_batch": 6}
+
+
+def test_clips_per_video_and_decode_threads_are_checked_when_the_config_is_composed():
+    from tests.cli_helpers import compose_config
+    from x3d_exp.config import validate
+    from x3d_exp.errors import ConfigError
+
+    validate(compose_config("data.train_clips_per_video=2", "data.batch_size=4", "data.decode_threads=auto"))
+    for overrides, message in ((["data.train_clips_per_video=3", "data.batch_size=4"],
+                                "data.train_clips_per_video=3: must divide data.batch_size=4"),
+                               (["data.train_clips_per_video=0"], "data.train_clips_per_video=0: must be >= 1"),
+                               (["data.decode_threads=0"], "data.decode_threads=0: must be auto or a whole number")):
+        with pytest.raises(ConfigError, match=message):
+            validate(compose_config(*overrides))
