@@ -124,6 +124,11 @@ def _is_copy_of(src: Path, dst: Path) -> bool:
     return a.st_size == b.st_size and int(a.st_mtime) == int(b.st_mtime)
 
 
+def _needs_encoding(path: Path, short_side: int) -> bool:
+    """A video larger than the target (raises BadVideo for a file that is no readable video)."""
+    return min(probe_size(str(path))) > short_side
+
+
 def prepare_dataset(src: Path, dst: Path, short_side: int, *, crf: int = 23, preset: str = "veryfast",
                     keyint: Optional[int] = None, make_bar: Optional[Callable[[int], Any]] = None,
                     report: Callable[[str], None] = print) -> PrepareCounts:
@@ -138,9 +143,9 @@ def prepare_dataset(src: Path, dst: Path, short_side: int, *, crf: int = 23, pre
     counts = PrepareCounts()
     for relative in files:
         source, target = src / relative, dst / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
         partial = _partial_name(target)
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             if is_video(relative) and target.exists():
                 counts.skipped += 1
             elif is_video(relative) and _needs_encoding(source, short_side):
@@ -153,6 +158,9 @@ def prepare_dataset(src: Path, dst: Path, short_side: int, *, crf: int = 23, pre
                 shutil.copy2(source, partial)
                 os.replace(partial, target)
                 counts.copied += 1
+        except OSError as err:  # not the file's fault (permissions, a full disk): stop with the path named
+            partial.unlink(missing_ok=True)
+            raise DataError(f"{source} -> {target}: {err.strerror or err}") from None
         except BadVideo as bad:
             partial.unlink(missing_ok=True)
             counts.bad[str(relative)] = bad.reason
@@ -163,8 +171,3 @@ def prepare_dataset(src: Path, dst: Path, short_side: int, *, crf: int = 23, pre
     if bar is not None:
         bar.close()
     return counts
-
-
-def _needs_encoding(path: Path, short_side: int) -> bool:
-    """A video larger than the target (raises BadVideo for a file that is no readable video)."""
-    return min(probe_size(str(path))) > short_side
