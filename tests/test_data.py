@@ -449,3 +449,100 @@ def test_each_real_data_group_runs_through_the_cli_with_its_own_defaults(group, 
                                                                                                    classes)
     assert (params["data.test_num_clips"], params["data.test_num_crops"]) == ("10", "3")
     assert "num_parallel_workers" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_several_training_clips_per_video_come_from_one_decode_each_augmented_on_its_own(
+        kinetics_root, tmp_path, monkeypatch):
+    root, _ = kinetics_root
+    opened = count_decoder_calls(monkeypatch, tmp_path / "calls.log")
+    loader = build_loader(data_cfg(root, train_clips_per_video=2), "train", **SIZES, batch_size=4, seed=5)
+    # 6 videos x 2 clips = 12 clips an epoch, in batches of 4 clips (2 videos): the engine's steps and lr schedule
+    # follow steps_per_epoch.
+    assert loader.steps_per_epoch == 3 and loader.num_videos == 6
+    rows = batches(loader)
+    assert len(rows) == 3 and all(b["clip"].shape == (4, 3, T, CROP, CROP) for b in rows)
+    clips, labels = column(rows, "clip"), column(rows, "label")
+    assert sorted(labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    assert opened() == {"open": 6, "get_batch": 6}
+    # Video k has grey level 10k + t in frame t: each clip is a window of 4 frames 2 apart of one video, the two
+    # clips of a video (consecutive rows) are of the same video, and their windows were drawn independently.
+    levels = np.stack([grey_levels(clip) for clip in clips])
+    np.testing.assert_allclose(np.diff(levels, axis=1), 2, atol=1.5)
+    firsts = levels[:, 0].reshape(6, 2)
+    assert (np.abs(firsts[:, 0] - firsts[:, 1]) < 10).all()
+    assert (firsts[:, 0] != firsts[:, 1]).any()
+    # The same seed gives the same clips; each shard gets half the videos, still K clips of each.
+    np.testing.assert_array_equal(column(batches(build_loader(data_cfg(root, train_clips_per_video=2), "train",
+                                                              **SIZES, batch_size=4, seed=5)), "clip"), clips)
+    shard = build_loader(data_cfg(root, train_clips_per_video=2), "train", **SIZES, batch_size=2, shard_id=1,
+                         num_shards=2)
+    assert (shard.num_videos, shard.steps_per_epoch) == (3, 3)
+    with pytest.raises(DataError, match=r"data.train_clips_per_video=3 must divide data.batch_size=4"):
+        build_loader(data_cfg(root, train_clips_per_video=3), "train", **SIZES, batch_size=4)
+
+
+def count_decoder_calls(monkeypatch, log: Path):
+    """Make every decord reader the loader opens, in this process and in the worker processes it forks, a real
+    reader that appends one line per open and per `get_batch` to `log`; returns a function counting the lines."""
+    import decord
+
+    from x3d_exp.data import video
+
+    class CountingReader(decord.VideoReader):
+        def get_batch(self, indices):
+            with open(log, "a") as out:
+                out.write(f"get_batch {self._path}\n")
+            return super().get_batch(indices)
+
+    def counting_open(path, width, height, num_threads):
+        with open(log, "a") as out:
+            out.write(f"open {path}\n")
+        reader = CountingReader(path, width=width, height=height, num_threads=num_threads)
+        reader._path = path
+        return reader
+
+    monkeypatch.setattr(video, "open_reader", counting_open)
+
+    def counts(per_path: bool = False):
+        lines = log.read_text().split("\n")[:-1] if log.exists() else []
+        keys = lines if per_path else [line.split(" ")[0] for line in lines]
+        return {key: keys.count(key) for key in sorted(set(keys))}
+
+    return counts
+
+
+def test_each_test_video_is_decoded_once_for_all_its_views_with_two_workers(kinetics_root, tmp_path, monkeypatch):
+    root, paths = kinetics_root
+    opened = count_decoder_calls(monkeypatch, tmp_path / "calls.log")
+    in_process = batches(build_loader(data_cfg(root), "test", **SIZES))
+    assert opened(per_path=True) == {f"{call} {path}": 1 for call in ("open", "get_batch") for path in paths["test"]}
+    (tmp_path / "calls.log").unlink()
+    # MindSpore hands the rows to its two worker processes in turn; each video's 2 clips x 3 crops must still be
+    # decoded by one of them, once.
+    two_workers = batches(build_loader(data_cfg(root, num_workers=2), "test", **SIZES))
+    assert opened(per_path=True) == {f"{call} {path}": 1 for call in ("open", "get_batch") for path in paths["test"]}
+    # The same views, in an order that interleaves the two videos (rows are matched by video_index).
+    for video in (0, 1):
+        views = [np.stack(sorted((c for c, i in zip(column(rows, "clip"), column(rows, "video_index")) if i == video),
+                                 key=lambda c: grey_levels(c).tolist())) for rows in (in_process, two_workers)]
+        assert len(views[0]) == 6
+        np.testing.assert_array_equal(views[0], views[1])
+    # Training with two workers: one decode per sample of K=2 clips.
+    (tmp_path / "calls.log").unlink()
+    train = build_loader(data_cfg(root, num_workers=2, train_clips_per_video=2), "train", **SIZES, batch_size=4)
+    assert len(batches(train)) == 3
+    assert opened() == {"open": 6, "get_batch": 6}
+
+
+def test_clips_per_video_and_decode_threads_are_checked_when_the_config_is_composed():
+    from tests.cli_helpers import compose_config
+    from x3d_exp.config import validate
+    from x3d_exp.errors import ConfigError
+
+    validate(compose_config("data.train_clips_per_video=2", "data.batch_size=4", "data.decode_threads=auto"))
+    for overrides, message in ((["data.train_clips_per_video=3", "data.batch_size=4"],
+                                "data.train_clips_per_video=3: must divide data.batch_size=4"),
+                               (["data.train_clips_per_video=0"], "data.train_clips_per_video=0: must be >= 1"),
+                               (["data.decode_threads=0"], "data.decode_threads=0: must be auto or a whole number")):
+        with pytest.raises(ConfigError, match=message):
+            validate(compose_config(*overrides))

@@ -122,14 +122,15 @@ class Config:
     amp_level: str = "O0"
     ckpt: Optional[str] = None
     resume: Any = False
-    # Free-form sections owned by other tasks (convert / infer / export / sweep).
+    # Free-form sections owned by other tasks (convert / infer / export / prepare / sweep).
     convert: Any = field(default_factory=dict)
     infer: Any = field(default_factory=dict)
     export: Any = field(default_factory=dict)
+    prepare: Any = field(default_factory=dict)
     sweep: Any = field(default_factory=dict)
 
 
-TASKS = ("train", "test", "summary", "convert", "infer", "export")
+TASKS = ("train", "test", "summary", "convert", "infer", "export", "prepare")
 DEVICES = ("auto", "CPU", "GPU", "Ascend")
 AMP_LEVELS = ("O0", "O1", "O2", "O3", "auto")
 
@@ -199,6 +200,12 @@ def validate(cfg: DictConfig) -> None:
              "must be >= 1", cfg.data.eval_batch_size)
     _require(valid_num_workers(cfg.data.num_workers), "data.num_workers", "must be auto or a whole number >= 0",
              cfg.data.num_workers)
+    _require(valid_num_workers(cfg.data.decode_threads, minimum=1), "data.decode_threads",
+             "must be auto or a whole number >= 1", cfg.data.decode_threads)
+    clips = cfg.data.train_clips_per_video
+    _require(clips >= 1, "data.train_clips_per_video", "must be >= 1", clips)
+    _require(cfg.data.batch_size % clips == 0, "data.train_clips_per_video",
+             f"must divide data.batch_size={cfg.data.batch_size} (a batch holds the clips of whole videos)", clips)
     _require(cfg.data.num_classes is None or cfg.data.num_classes >= 1, "data.num_classes",
              "must be >= 1 (or null: the dataset's own count)", cfg.data.num_classes)
     _require(0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]",

@@ -1,12 +1,15 @@
-"""Loader benchmark: decoded + augmented training clips per second, decord pipeline vs a PyAV baseline.
+"""Loader benchmark: clips per second of the train and test loaders, decord pipeline vs a PyAV baseline.
 
-    python -m x3d_exp.bench.loader                 # XS and M settings, 0/1/2 workers, ~3 minutes on 2 cores
-    python -m x3d_exp.bench.loader --settings xs --workers 0 2 --rounds 1
+    python -m x3d_exp.bench.loader                 # XS and M, 0/1/2/auto workers, K 1 and 2, ~10 minutes on 2 cores
+    python -m x3d_exp.bench.loader --settings xs --workers 0 2 --splits train --clips-per-video 1 --rounds 1
 
 It generates Kinetics-like H.264 files itself (340x256, 10 s at 30 fps, ~0.9 Mbit/s, x264 `veryfast`: CABAC and
 B-frames like the re-encoded YouTube clips), lists them in the official Kinetics csv layout and reads them through
-`build_loader`, exactly as training does. Two PyAV baselines decode the same kind of clips in one process (see
-`pyav_clip`) and apply the same crop/flip/normalisation.
+`build_loader` and MindSpore's GeneratorDataset, exactly as training and testing do. Two PyAV baselines decode the
+same kind of training clips in one process (see `pyav_clip`) and apply the same crop/flip/normalisation.
+
+Train figures are clips/s (with `data.train_clips_per_video` K, K clips come from one decode); test figures are
+views/s of the 10 clips x 3 crops protocol (padding rows not counted), and videos/s is that divided by 30.
 """
 
 from __future__ import annotations
@@ -59,9 +62,10 @@ def _encode(path: Path, seconds: int, seed: int) -> None:
 
 
 def make_dataset(root: Path, num_files: int, seconds: int) -> Path:
-    """ROOT/bench_train.csv + ROOT/train/*.mp4: `num_files` encodes, listed ROWS times under distinct names."""
+    """ROOT/bench_{train,test}.csv + ROOT/train/*.mp4: `num_files` encodes, listed ROWS times under distinct names
+    (the test list reads the same files)."""
     marker = root / f"done-{num_files}x{seconds}s"
-    if marker.exists():
+    if marker.exists() and (root / "bench_test.csv").exists():
         return root
     (root / "train").mkdir(parents=True, exist_ok=True)
     sources = []
@@ -78,21 +82,28 @@ def make_dataset(root: Path, num_files: int, seconds: int) -> Path:
             os.symlink(sources[row % num_files], name)
         lines.append(f"class{row % 2},clip{row:05d},0,{seconds},train")
     (root / "bench_train.csv").write_text("\n".join(lines) + "\n")
+    (root / "bench_test.csv").write_text("\n".join(lines) + "\n")
     marker.touch()
     return root
 
 
-def time_loader(root: Path, setting: dict, workers: int, seconds: float, batch_size: int = 4) -> float:
-    """Clips/s of the training loader, after its first batch (worker start-up) and for about `seconds`."""
+def time_loader(root: Path, setting: dict, workers, seconds: float, split: str = "train", clips_per_video: int = 1,
+                decode_threads=1, batch_size: int = 4) -> float:
+    """Clips/s (test: views/s) of a loader, after its first batch (worker start-up) and for about `seconds`."""
     cfg = OmegaConf.structured(DataConfig(name="bench", root=str(root), annotation_prefix="bench", num_classes=2,
-                                          num_workers=workers, batch_size=batch_size))
-    loader = build_loader(cfg, "train", **setting, seed=0)
+                                          num_workers=workers, batch_size=batch_size, decode_threads=decode_threads,
+                                          train_clips_per_video=clips_per_video))
+    loader = build_loader(cfg, split, **setting, seed=0)
     iterator = loader.dataset.create_tuple_iterator(num_epochs=-1, output_numpy=True)
+
+    def clips_of(batch) -> int:
+        return batch[0].shape[0] if split == "train" else int((batch[2] >= 0).sum())
+
     next(iterator)
     clips, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         try:
-            clips += next(iterator)[0].shape[0]
+            clips += clips_of(next(iterator))
         except StopIteration:  # end of an epoch; the iterator goes on with the next
             continue
     rate = clips / (time.perf_counter() - start)
@@ -148,13 +159,32 @@ def time_pyav(root: Path, setting: dict, seconds: float, slowfast: bool) -> floa
     return clips / (time.perf_counter() - start)
 
 
+def worker_count(text: str):
+    return text if text == "auto" else int(text)
+
+
+def measure(methods: dict, rounds: int) -> dict:
+    """Median rate of each method over `rounds`, the methods interleaved so that load from other processes hits all
+    alike."""
+    rates = {method: [] for method in methods}
+    for _ in range(rounds):
+        for method, run in methods.items():
+            rates[method].append(run())
+    return {method: float(np.median(values)) for method, values in rates.items()}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--workers", nargs="+", type=worker_count, default=[0, 1, 2, "auto"])
+    parser.add_argument("--splits", nargs="+", default=["train", "test"], choices=["train", "test"])
+    parser.add_argument("--clips-per-video", nargs="+", type=int, default=[1, 2],
+                        help="data.train_clips_per_video values to time for the train split")
+    parser.add_argument("--decode-threads", nargs="+", type=worker_count, default=[1],
+                        help="data.decode_threads values to time")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the PyAV baselines")
     parser.add_argument("--seconds", type=float, default=4.0, help="timing window of one measurement")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="measurements per method, interleaved so that load from other processes hits all alike")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements per method, interleaved")
     parser.add_argument("--files", type=int, default=6, help="distinct encoded videos")
     parser.add_argument("--video-seconds", type=int, default=10)
     parser.add_argument("--root", type=Path, default=cache_root() / "bench")
@@ -170,26 +200,44 @@ def main(argv=None) -> dict:
     results = {}
     for name in args.settings:
         setting = SETTINGS[name]
-        methods = {f"decord_{w}w": (lambda w=w: time_loader(root, setting, w, args.seconds)) for w in args.workers}
-        methods["pyav_slowfast"] = lambda: time_pyav(root, setting, args.seconds, slowfast=True)
-        methods["pyav_lean"] = lambda: time_pyav(root, setting, args.seconds, slowfast=False)
-        rates = {method: [] for method in methods}
-        for _ in range(args.rounds):
-            for method, measure in methods.items():
-                rates[method].append(measure())
-        row = {method: float(np.median(values)) for method, values in rates.items()}
+        methods = {}
+        for split in args.splits:
+            for clips in (args.clips_per_video if split == "train" else [1]):
+                for threads in args.decode_threads:
+                    for workers in args.workers:
+                        methods[f"{split} K={clips} threads={threads} workers={workers}"] = (
+                            lambda s=split, k=clips, t=threads, w=workers:
+                            time_loader(root, setting, w, args.seconds, s, k, t))
+        if not args.no_baselines:
+            methods["pyav_slowfast"] = lambda: time_pyav(root, setting, args.seconds, slowfast=True)
+            methods["pyav_lean"] = lambda: time_pyav(root, setting, args.seconds, slowfast=False)
+        row = measure(methods, args.rounds)
         results[name] = row
         print(f"{name}: T={setting['num_frames']} tau={setting['sampling_rate']} crop={setting['crop_size']} "
-              f"scale={setting['train_scale']}, median of {args.rounds} x {args.seconds:g} s: "
-              + ", ".join(f"{k} {v:.1f}" for k, v in row.items()) + " clips/s", flush=True)
-        if "decord_0w" in row:
-            print(f"  one process, decord pipeline / PyAV PySlowFast-way = "
-                  f"{row['decord_0w'] / row['pyav_slowfast']:.2f}x, / lean PyAV = "
-                  f"{row['decord_0w'] / row['pyav_lean']:.2f}x", flush=True)
+              f"scale={setting['train_scale']} test crop={setting['test_crop_size']}, median of {args.rounds} x "
+              f"{args.seconds:g} s, load average {os.getloadavg()[0]:.2f} after", flush=True)
+        print(format_table(row, args.workers), flush=True)
     print(f"total {time.perf_counter() - started:.0f} s, load average {os.getloadavg()[0]:.2f} at end")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return results
+
+
+def format_table(row: dict, workers) -> str:
+    """Loader rates as one line per split / K / threads with a column per worker count, then the PyAV baselines and
+    the ratio of the one-process loader (0 workers) to them."""
+    lines = ["  loader                        " + "".join(f"{f'{w} workers':>14}" for w in workers)]
+    prefixes = sorted({key.rsplit(" workers=", 1)[0] for key in row if " workers=" in key})
+    for prefix in prefixes:
+        unit = "views/s" if prefix.startswith("test") else "clips/s"
+        cells = "".join(f"{row.get(f'{prefix} workers={w}', float('nan')):14.1f}" for w in workers)
+        lines.append(f"  {prefix + ' ' + unit:<30}{cells}")
+    for baseline in ("pyav_slowfast", "pyav_lean"):
+        if baseline in row:
+            ratios = ", ".join(f"{prefix.split(' threads')[0]} {row[f'{prefix} workers=0'] / row[baseline]:.2f}x"
+                               for prefix in prefixes if prefix.startswith("train") and f"{prefix} workers=0" in row)
+            lines.append(f"  {baseline} {row[baseline]:.1f} clips/s (one process); 0-worker loader / it: {ratios}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

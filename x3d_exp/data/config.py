@@ -46,6 +46,13 @@ class DataConfig:
     eval_batch_size: Optional[int] = None
     # "auto": one decoding process per core, at most 8; a number above the cores is clamped (x3d_exp.data.loader).
     num_workers: Any = "auto"
+    # ffmpeg threads per video reader, or "auto": the cores the decoding processes leave idle (all of them with 0 or
+    # 1 worker, 1 when the workers fill the cores). 1: two threads measured no faster on 2 shared cores
+    # (docs/performance.md).
+    decode_threads: Any = 1
+    # K clips from one decode of a training video, each augmented on its own (PySlowFast's AUG.NUM_SAMPLE): an epoch
+    # has K x videos clips; data.batch_size counts clips and must be a multiple of K.
+    train_clips_per_video: int = 1
     prefetch: int = 2
     target_fps: int = 30
     test_num_clips: int = 10
@@ -66,6 +73,7 @@ class DataConfig:
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
-def valid_num_workers(value) -> bool:
-    """`data.num_workers` is "auto" or a whole number >= 0 (checked by config.validate and by the loader)."""
-    return value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+def valid_num_workers(value, minimum: int = 0) -> bool:
+    """`data.num_workers` is "auto" or a whole number >= 0, `data.decode_threads` "auto" or >= 1 (checked by
+    config.validate and by the loader)."""
+    return value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= minimum)

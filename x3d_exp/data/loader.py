@@ -3,6 +3,10 @@
 Randomness never depends on which worker process handles a sample: every sample draws from a generator seeded
 with (seed, epoch, video, attempt). The epoch reaches the workers inside the sample index itself: the training
 sampler emits `epoch * num_videos + video`.
+
+A video is decoded once per use: a training sample is the `data.train_clips_per_video` clips of one decode, and the
+eval rows are ordered so that one worker process gets all the views of a video (MindSpore hands the rows to its
+workers in turn, see `EvalSource`).
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ import numpy as np
 from x3d_exp.data.annotations import VideoList, load_split
 from x3d_exp.data.badlog import BadVideoLog
 from x3d_exp.data.config import valid_num_workers
-from x3d_exp.data.transforms import normalise, test_crops, train_crop
+from x3d_exp.data.transforms import normalise, test_crops, train_crop, view_crop
 from x3d_exp.data.synthetic import SYNTHETIC_GROUPS, ensure_synthetic
-from x3d_exp.data.video import BadVideo, read_clips
+from x3d_exp.data.video import BadVideo, probe_size, read_clips, resize_frames, short_side_size
 from x3d_exp.errors import DataError
 
 # A training slot whose video is bad takes another video; this many bad draws in a row means the data is broken.
@@ -98,31 +102,49 @@ class ClipSpec:
     num_clips: int  # temporal clips per video (test split)
     num_crops: int  # spatial crops per clip (test split)
     train_flip: bool = True  # off where left and right are different classes (data.train_flip)
+    decode_threads: int = 1  # ffmpeg threads per reader
 
 
-def train_clip(path: str, spec: ClipSpec, rng: np.random.Generator) -> np.ndarray:
-    """One augmented training clip [3, T, crop, crop] float32. Raises BadVideo."""
-    short_side = max(int(rng.integers(spec.train_scale[0], spec.train_scale[1] + 1)), spec.crop_size)
-    frames = read_clips(path, short_side, [float(rng.random())], num_frames=spec.num_frames,
-                        sampling_rate=spec.sampling_rate, target_fps=spec.target_fps)[0]
-    return normalise(train_crop(frames, spec.crop_size, rng, spec.train_flip))
+def train_clips(path: str, spec: ClipSpec, rng: np.random.Generator, count: int) -> np.ndarray:
+    """`count` independently augmented training clips [count, 3, T, crop, crop] float32 of one decode: each has its
+    own window, short side in train_scale, crop and flip. Raises BadVideo.
+
+    The reader resizes to the largest of the drawn sizes; the other clips are scaled down from it (bilinear, ~1 ms
+    a frame), which costs far less than opening and decoding the video again.
+    """
+    sides = [max(int(rng.integers(spec.train_scale[0], spec.train_scale[1] + 1)), spec.crop_size)
+             for _ in range(count)]
+    positions = [float(rng.random()) for _ in range(count)]
+    clips = read_clips(path, max(sides), positions, num_frames=spec.num_frames, sampling_rate=spec.sampling_rate,
+                       target_fps=spec.target_fps, num_threads=spec.decode_threads)
+    height, width = probe_size(path)
+    return normalise(np.stack([train_crop(resize_frames(clip, *short_side_size(height, width, side)), spec.crop_size,
+                                          rng, spec.train_flip) for clip, side in zip(clips, sides)]))
+
+
+def eval_clips(path: str, spec: ClipSpec, num_clips: int) -> np.ndarray:
+    """Clips [num_clips, T, h, w, 3] uint8, short side S (the test crop), spread uniformly over the video."""
+    positions = [(i + 0.5) / num_clips for i in range(num_clips)]
+    return read_clips(path, spec.test_crop_size, positions, num_frames=spec.num_frames,
+                      sampling_rate=spec.sampling_rate, target_fps=spec.target_fps, num_threads=spec.decode_threads)
 
 
 def eval_views(path: str, spec: ClipSpec, num_clips: int, num_crops: int) -> np.ndarray:
     """Views [num_clips * num_crops, 3, T, S, S] float32 (S = test crop): clips spread uniformly over the video,
     each cut into `num_crops` crops of the frame resized to short side S. Raises BadVideo."""
-    positions = [(i + 0.5) / num_clips for i in range(num_clips)]
-    clips = read_clips(path, spec.test_crop_size, positions, num_frames=spec.num_frames,
-                       sampling_rate=spec.sampling_rate, target_fps=spec.target_fps)
-    return normalise(test_crops(clips, spec.test_crop_size, num_crops))
+    return normalise(test_crops(eval_clips(path, spec, num_clips), spec.test_crop_size, num_crops))
 
 
 class TrainSource:
-    """Random-access source of (clip, label); index = epoch * num_videos + video."""
+    """Random-access source of (clip, label); index = epoch * num_videos + video.
 
-    def __init__(self, videos: VideoList, spec: ClipSpec, seed: int, badlog: BadVideoLog):
+    With `clips_per_video` K > 1 a sample is K clips of one decode, (clip [K, 3, T, crop, crop], label [K]), and
+    `flatten_clips` turns the batch of videos into a batch of clips.
+    """
+
+    def __init__(self, videos: VideoList, spec: ClipSpec, seed: int, badlog: BadVideoLog, clips_per_video: int = 1):
         self.paths, self.labels = videos.paths, videos.labels
-        self.spec, self.seed, self.badlog = spec, seed, badlog
+        self.spec, self.seed, self.badlog, self.clips_per_video = spec, seed, badlog, clips_per_video
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -138,56 +160,78 @@ class TrainSource:
             if path in self.badlog:
                 continue
             try:
-                clip = train_clip(path, self.spec, rng)
+                clips = train_clips(path, self.spec, rng, self.clips_per_video)
             except BadVideo as bad:
                 self.badlog.record(path, bad.reason)
                 continue
-            return clip, np.int32(self.labels[candidate])
+            label = np.int32(self.labels[candidate])
+            if self.clips_per_video == 1:
+                return clips[0], label
+            return clips, np.full(self.clips_per_video, label)
         raise DataError(f"{MAX_ATTEMPTS} bad videos in a row while filling training slot {video}; "
                         f"see {self.badlog.path}")
+
+
+def flatten_clips(clips: np.ndarray, labels: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """A batch of videos' clips [B/K, K, ...] and labels [B/K, K] as one batch of B clips (a view, no copy)."""
+    return clips.reshape(-1, *clips.shape[2:]), labels.reshape(-1)
 
 
 class EvalSource:
     """Random-access source of (clip, label, video_index), `views` rows per video, padded to full batches.
 
-    Padding rows and the rows of bad videos carry video_index -1 and an all-zero clip.
+    MindSpore hands row r to worker r % workers, so the rows of `workers` videos are interleaved: row
+    (g * views + view) * workers + w is view `view` of video slot g * workers + w, and each video's views all go to
+    one worker, which decodes the video once and cuts every view from the cached clips. With one worker (or one view)
+    this is the plain order, each video's views consecutive. Padding rows (including the missing videos of a last
+    group) and the rows of bad videos carry video_index -1 and an all-zero clip.
     """
 
     def __init__(self, videos: VideoList, video_ids: np.ndarray, spec: ClipSpec, num_clips: int, num_crops: int,
-                 rows: int, badlog: BadVideoLog):
+                 batch_size: int, badlog: BadVideoLog, workers: int = 1):
         self.paths, self.labels, self.video_ids = videos.paths, videos.labels, video_ids
         self.spec, self.num_clips, self.num_crops = spec, num_clips, num_crops
-        self.views, self.rows, self.badlog = num_clips * num_crops, rows, badlog
+        self.views, self.badlog = num_clips * num_crops, badlog
+        self.group = max(1, workers) if self.views > 1 else 1
+        rows = math.ceil(len(video_ids) / self.group) * self.group * self.views
+        self.rows = math.ceil(rows / batch_size) * batch_size
         size = spec.test_crop_size
         self.blank = np.zeros((3, spec.num_frames, size, size), np.float32)
-        # A worker is handed consecutive views of one video in turn: decode each video once per worker.
-        self._cached: Tuple[int, Optional[np.ndarray]] = (-1, None)
+        self._cached: Tuple[int, Optional[np.ndarray]] = (-1, None)  # (video, its uint8 clips or None if bad)
 
     def __len__(self) -> int:
         return self.rows
 
-    def _video_views(self, video: int) -> Optional[np.ndarray]:
+    def row_view(self, row: int) -> Tuple[int, int]:
+        """(video slot, view) of a row; slots past the last video are padding."""
+        group, rest = divmod(row, self.group * self.views)
+        view, member = divmod(rest, self.group)
+        return group * self.group + member, view
+
+    def _video_clips(self, video: int) -> Optional[np.ndarray]:
         if self._cached[0] != video:
             path = self.paths[video]
-            views = None
+            clips = None
             if path not in self.badlog:
                 try:
-                    views = eval_views(path, self.spec, self.num_clips, self.num_crops)
+                    clips = eval_clips(path, self.spec, self.num_clips)
                 except BadVideo as bad:
                     self.badlog.record(path, bad.reason)
-            self._cached = (video, views)
+            self._cached = (video, clips)
         return self._cached[1]
 
     def __getitem__(self, index):
-        slot, view = divmod(int(index), self.views)
+        slot, view = self.row_view(int(index))
         if slot >= len(self.video_ids):
             return self.blank, np.int32(0), np.int32(-1)
         video = int(self.video_ids[slot])
         label = np.int32(self.labels[video])
-        views = self._video_views(video)
-        if views is None:
+        clips = self._video_clips(video)
+        if clips is None:
             return self.blank, label, np.int32(-1)
-        return views[view], label, np.int32(video)
+        clip, crop = divmod(view, self.num_crops)
+        return normalise(view_crop(clips[clip], self.spec.test_crop_size, self.num_crops, crop)), label, \
+            np.int32(video)
 
 
 class EpochSampler(ds.Sampler):
@@ -283,6 +327,25 @@ def _default_bad_log_dir() -> str:
     return path
 
 
+def _clips_per_video(data_cfg, batch_size: int) -> int:
+    """`data.train_clips_per_video` (K): a training batch of B clips holds B/K videos, so K must divide B."""
+    count = int(data_cfg.train_clips_per_video)
+    if count < 1:
+        raise DataError(f"data.train_clips_per_video={count}: must be >= 1")
+    if batch_size % count:
+        raise DataError(f"data.train_clips_per_video={count} must divide data.batch_size={batch_size} "
+                        f"(a batch holds the clips of whole videos)")
+    return count
+
+
+def decode_threads(setting, workers: int) -> int:
+    """`data.decode_threads`: ffmpeg threads per reader; "auto" is the cores the decoding processes leave idle
+    (0 workers decode in a thread of the main process, so that counts as one process)."""
+    if not valid_num_workers(setting, minimum=1):
+        raise DataError(f"data.decode_threads={setting!r}: must be auto or a whole number >= 1")
+    return max(1, usable_cores() // max(1, workers)) if setting == "auto" else setting
+
+
 def _check_sizes(num_frames, sampling_rate, crop_size, test_crop_size, train_scale) -> Tuple[int, int]:
     for key, value in (("num_frames", num_frames), ("sampling_rate", sampling_rate), ("crop_size", crop_size),
                        ("test_crop_size", test_crop_size)):
@@ -310,13 +373,16 @@ def build_loader(data_cfg, split: str, *, num_frames: int, sampling_rate: int, c
     scale = _check_sizes(num_frames, sampling_rate, crop_size, test_crop_size, train_scale)
     root = resolve_root(data_cfg, max(scale[1], int(test_crop_size)))
     videos = load_split(data_cfg, root, split)
-    spec = ClipSpec(int(num_frames), int(sampling_rate), int(crop_size), int(test_crop_size), scale,
-                    float(data_cfg.target_fps), int(data_cfg.test_num_clips), int(data_cfg.test_num_crops),
-                    bool(data_cfg.train_flip))
     training = split == "train"
     if batch_size is None:
         batch_size = data_cfg.batch_size if training else (data_cfg.eval_batch_size or data_cfg.batch_size)
     batch_size = int(batch_size)
+    clips_per_video = _clips_per_video(data_cfg, batch_size) if training else 1
+    workers = resolve_num_workers(data_cfg.num_workers)
+    spec = ClipSpec(int(num_frames), int(sampling_rate), int(crop_size), int(test_crop_size), scale,
+                    float(data_cfg.target_fps), int(data_cfg.test_num_clips), int(data_cfg.test_num_crops),
+                    train_flip=bool(data_cfg.train_flip),
+                    decode_threads=decode_threads(data_cfg.decode_threads, workers))
     if drop_remainder is None:
         drop_remainder = training
     if bad_log_dir:
@@ -324,32 +390,36 @@ def build_loader(data_cfg, split: str, *, num_frames: int, sampling_rate: int, c
     log_dir = str(bad_log_dir) if bad_log_dir else _default_bad_log_dir()
     badlog = BadVideoLog(os.path.join(log_dir, f"bad_videos_{split}_shard{shard_id}of{num_shards}.jsonl"))
 
-    workers = resolve_num_workers(data_cfg.num_workers)
     sampler = None
     if training:
         sampler = EpochSampler(len(videos), seed, shard_id, num_shards)
         num_videos = sampler.per_shard
-        if drop_remainder and num_videos < batch_size:
-            raise DataError(f"{videos.annotation}: {num_videos} training videos per shard, fewer than "
+        if drop_remainder and num_videos * clips_per_video < batch_size:
+            raise DataError(f"{videos.annotation}: {num_videos} training videos per shard x "
+                            f"data.train_clips_per_video={clips_per_video} clips, fewer than "
                             f"data.batch_size={batch_size}")
-        source = TrainSource(videos, spec, seed, badlog)
+        source = TrainSource(videos, spec, seed, badlog, clips_per_video)
         columns = ["clip", "label"]
     else:
         video_ids = np.arange(shard_id, len(videos), num_shards, dtype=np.int64)
         num_videos = len(video_ids)
         num_clips, num_crops = (spec.num_clips, spec.num_crops) if split == "test" else (1, 1)
-        rows = num_videos * num_clips * num_crops
-        rows = math.ceil(rows / batch_size) * batch_size
-        source = EvalSource(videos, video_ids, spec, num_clips, num_crops, rows, badlog)
+        source = EvalSource(videos, video_ids, spec, num_clips, num_crops, batch_size, badlog, max(1, workers))
         columns = ["clip", "label", "video_index"]
 
-    # Rows buffered ahead between pipeline stages (a global MindSpore setting: the last loader built sets it).
-    ds.config.set_prefetch_size(max(1, int(data_cfg.prefetch)) * batch_size)
+    # Rows buffered ahead between pipeline stages (a global MindSpore setting: the last loader built sets it); a
+    # training row holds K clips.
+    ds.config.set_prefetch_size(max(1, max(1, int(data_cfg.prefetch)) * batch_size // clips_per_video))
     with pipeline_errors(f"the {split} loader of {videos.annotation}"):
         dataset = ds.GeneratorDataset(source, column_names=columns, sampler=sampler,
                                       shuffle=None if training else False, num_parallel_workers=max(1, workers),
                                       python_multiprocessing=workers > 0)
-        dataset = dataset.batch(batch_size, drop_remainder=bool(drop_remainder))
+        if clips_per_video > 1:
+            # A row is one video's K clips: batch B/K videos, then hand the model B clips.
+            dataset = dataset.batch(batch_size // clips_per_video, drop_remainder=bool(drop_remainder))
+            dataset = dataset.map(flatten_clips, input_columns=columns)
+        else:
+            dataset = dataset.batch(batch_size, drop_remainder=bool(drop_remainder))
     return Loader(dataset, split, num_videos, videos.class_names, badlog, float(data_cfg.max_bad_fraction), sampler,
                   videos.annotation)
 

@@ -42,9 +42,12 @@ def test_crop_offsets(height: int, width: int, crop: int, num_crops: int) -> Lis
     return [(0, centre[1]), centre, (height - crop, centre[1])]
 
 
+def view_crop(clip: np.ndarray, crop: int, num_crops: int, index: int) -> np.ndarray:
+    """Crop `index` of the `num_crops` test crops (test_crop_offsets) of a clip [T, H, W, 3]."""
+    top, left = test_crop_offsets(clip.shape[1], clip.shape[2], crop, num_crops)[index]
+    return clip[:, top:top + crop, left:left + crop]
+
+
 def test_crops(clips: np.ndarray, crop: int, num_crops: int) -> np.ndarray:
     """Clips [N, T, H, W, 3] -> views [N * num_crops, T, crop, crop, 3], clip-major."""
-    height, width = clips.shape[2:4]
-    views = [clips[:, :, top:top + crop, left:left + crop]
-             for top, left in test_crop_offsets(height, width, crop, num_crops)]
-    return np.stack(views, axis=1).reshape(-1, *views[0].shape[1:])
+    return np.stack([view_crop(clip, crop, num_crops, index) for clip in clips for index in range(num_crops)])
