@@ -58,7 +58,7 @@ SHARED_JOBS = ("trained", "expansion")
 
 def pytest_collection_modifyitems(config, items):
     """With `-n N --dist loadgroup` (pytest-xdist): one group per shared job, else one per test file (which keeps a
-    file's module-scoped fixtures, such as test_search's resumed search, in one worker)."""
+    file's own session-scoped jobs, such as test_search's resumed search, in one worker, so each runs once)."""
     for item in items:
         shared = [name for name in SHARED_JOBS if name in item.fixturenames]
         group = shared[0] if shared else item.module.__name__

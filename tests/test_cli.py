@@ -38,4 +38,5 @@ def test_smoke_preset_runs_one_tiny_epoch_in_its_own_data_folder(cache, tmp_path
     (run,) = runs_of(store_uri(tmp_path))
     assert run.info.status == "FINISHED" and run.data.params["data.crop_size"] == "32"
     assert run.data.params["data.root"] == str(cache / "synthetic_smoke")
-    assert (cache / "synthetic_smoke" / "synthetic.json").is_file()
+    # The set generated for the run's clip, in its own folder under the preset's data.root.
+    assert len(list((cache / "synthetic_smoke").glob("*px-*/synthetic.json"))) == 1

@@ -34,7 +34,7 @@ def grey_levels(clip):
     return ((clip * 0.225 + 0.45) * 255).mean(axis=(0, 2, 3))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def kinetics_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("k400")
     # Train lists classes out of alphabetical order: ids must still follow the alphabet.

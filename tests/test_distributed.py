@@ -31,8 +31,8 @@ def distributed(work: Path, *extra: str) -> list:
                              f"mlflow.tracking_uri={store_uri(work)}", *extra]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache):
+@pytest.fixture(scope="session")
+def msrun_run(tmp_path_factory, cache):
     work = tmp_path_factory.mktemp("dist")
     # Precise BN on too: each rank takes its shard's statistics, then the ranks average them.
     done = run_cli(distributed(work, "trainer.precise_bn_batches=2"), cwd=work, cache=cache)
@@ -40,8 +40,8 @@ def trained(tmp_path_factory, cache):
     return work, final_json(done.stdout)
 
 
-def test_both_ranks_end_with_identical_parameters(trained):
-    work, _ = trained
+def test_both_ranks_end_with_identical_parameters(msrun_run):
+    work, _ = msrun_run
     digests = {json.loads(p.read_text())["rank"]: json.loads(p.read_text())["params_sha256"]
                for p in (work / "run" / "ranks").glob("rank*.json")}
     assert sorted(digests) == [0, 1]
@@ -52,8 +52,8 @@ def test_both_ranks_end_with_identical_parameters(trained):
     assert "BN statistics from 2 training batches" in (logs / "worker_1.log").read_text()
 
 
-def test_one_finished_mlflow_run_with_world_size_2_and_rank_0_files_only(trained):
-    work, result = trained
+def test_one_finished_mlflow_run_with_world_size_2_and_rank_0_files_only(msrun_run):
+    work, result = msrun_run
     assert result["task"] == "train" and result["world_size"] == 2 and result["test_videos"] == 8
     (run,) = runs_of(store_uri(work))
     assert run.info.status == "FINISHED" and run.info.run_id == result["run_id"]
@@ -66,8 +66,8 @@ def test_one_finished_mlflow_run_with_world_size_2_and_rank_0_files_only(trained
     assert "rank 0 of 2 joined" in run_log and "rank 1" not in run_log
 
 
-def test_test_top1_equals_a_single_process_test_of_the_checkpoint(trained, cache):
-    work, result = trained
+def test_test_top1_equals_a_single_process_test_of_the_checkpoint(msrun_run, cache):
+    work, result = msrun_run
     single = work / "single"
     done = run_cli(TINY + SHALLOW + ["task=test", f"ckpt={work / 'run' / 'checkpoints' / 'best.ckpt'}",
                                      f"hydra.run.dir={single}", f"mlflow.tracking_uri={store_uri(single)}"],

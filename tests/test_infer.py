@@ -46,7 +46,7 @@ def build_network():
     return build_model("x3d_xs", num_classes=4, conv_impl=resolve_cpu_kernels("auto", "CPU"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("infer")
     ms.set_seed(0)  # the assertions below depend on how much the views disagree: keep the weights fixed

@@ -148,7 +148,9 @@ def _children(uri):
     return parents, children
 
 
-@pytest.fixture(scope="module")
+# Session scope: under pytest-xdist a worker may run other files' tests between this file's, which would end a
+# module-scoped fixture and run the whole search again.
+@pytest.fixture(scope="session")
 def resumed_search(tmp_path_factory, cache):
     """A 2-step search with 2 joblib workers in the sweep dir the config gives it (multirun/progressive/<date>),
     killed (the whole process group) once a step-2 candidate has finished, then resumed with sweep.resume=<its

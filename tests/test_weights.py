@@ -151,7 +151,7 @@ def test_reads_tensors_like_torch(tmp_path, zip_format):
 # ---------------------------------------------------------------- PyTorchVideo's X3D as the reference
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def create_x3d():
     torch = pytest.importorskip("torch")
     torch.set_num_threads(2)
@@ -198,7 +198,7 @@ def reference_model(create_x3d, seed, clip_length, crop_size):
     return model.state_dict(), inputs.numpy(), logits
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def x3d_xs(create_x3d, tmp_path_factory):
     """X3D-XS at its training clip, 4x160x160, saved the way PyTorchVideo's hub checkpoints are."""
     import torch

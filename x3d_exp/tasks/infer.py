@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from x3d_exp.config import JobContext, input_sizes
 from x3d_exp.data import load_video_views
 from x3d_exp.data.annotations import SPLITS, load_split
-from x3d_exp.data.synthetic import CLASSES as SYNTHETIC_CLASSES, SYNTHETIC_GROUPS
+from x3d_exp.data.synthetic import MANIFEST, SYNTHETIC_GROUPS
 from x3d_exp.engine.build import build_network, setup_context
 from x3d_exp.engine.evaluate import softmax
 from x3d_exp.errors import DataError, UserError, WeightsError
@@ -69,19 +69,21 @@ def dataset_labels(data: DictConfig, num_classes: int) -> Tuple[Optional[List[st
     """
     if OmegaConf.is_missing(data, "root") or not data.root:
         return None, f"data.root is not set for data={data.name}"
+    root = Path(str(data.root)).expanduser()
+    # The synthetic groups' data.root holds one generated set per clip size: any of them names the classes.
+    roots = [root, *sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))] if data.name in SYNTHETIC_GROUPS else [root]
     reasons = []
     for split in SPLITS:
-        try:
-            videos = load_split(data, Path(str(data.root)).expanduser(), split)
-        except DataError as err:
-            reasons.append(str(err))
-            continue
-        if len(videos.class_names) != num_classes:
-            return None, f"{videos.annotation} has {len(videos.class_names)} classes, the checkpoint {num_classes}"
-        return list(videos.class_names), videos.annotation
-    if data.name in SYNTHETIC_GROUPS and num_classes <= len(SYNTHETIC_CLASSES):
-        # data.root holds one generated set per size: the classes are the generator's, whichever set was trained on.
-        return list(SYNTHETIC_CLASSES[:num_classes]), "the synthetic generator (x3d_exp.data.synthetic.CLASSES)"
+        for folder in roots:
+            try:
+                videos = load_split(data, folder, split)
+            except DataError as err:
+                reasons.append(str(err))
+                continue
+            if len(videos.class_names) != num_classes:
+                return None, (f"{videos.annotation} has {len(videos.class_names)} classes, the checkpoint "
+                              f"{num_classes}")
+            return list(videos.class_names), videos.annotation
     return None, reasons[0]
 
 
