@@ -56,8 +56,9 @@ def expansion(tmp_path_factory, cache):
 SHARED_JOBS = ("trained", "expansion")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """With `-n N --dist loadgroup` (pytest-xdist): one group per shared job, else one per test file (which keeps a
+    """Before xdist reads the groups (tryfirst). With `-n N --dist loadgroup` (pytest-xdist): one group per shared job, else one per test file (which keeps a
     file's own session-scoped jobs, such as test_search's resumed search, in one worker, so each runs once)."""
     for item in items:
         shared = [name for name in SHARED_JOBS if name in item.fixturenames]
