@@ -62,6 +62,11 @@ def plot_top1_vs_gmacs(table, title: str, path: Path, summary_csv: str) -> Path:
     return path
 
 
+def _greek(axis: str) -> str:
+    """gamma_tau -> γτ, gamma_s -> γs (also inside "contract gamma_s")."""
+    return axis.replace("gamma_tau", "γτ").replace("gamma_", "γ")
+
+
 def plot_expansion_path(table, title: str, path: Path) -> Path:
     """The X3D paper's Figure 2: every finished candidate's val top-1 against its GMACs (trained clip), the chosen
     model of each step joined into the expansion path and labelled with the axis it expanded."""
@@ -71,11 +76,11 @@ def plot_expansion_path(table, title: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.scatter(done.gmacs, done.val_top1, color="0.6", zorder=2, label="candidates")
     for _, row in done[~done.chosen].iterrows():
-        ax.annotate(row.axis.replace("gamma_", "γ"), (row.gmacs, row.val_top1), textcoords="offset points",
+        ax.annotate(_greek(row.axis), (row.gmacs, row.val_top1), textcoords="offset points",
                     xytext=(3, -9), fontsize=7, color="0.4")
     ax.plot(chosen.gmacs, chosen.val_top1, marker="o", color="C3", zorder=3, label="expansion path")
     for _, row in chosen.iterrows():
-        ax.annotate(f"{row.step}: {row.axis.replace('gamma_', 'γ')}", (row.gmacs, row.val_top1),
+        ax.annotate(f"{row.step}: {_greek(row.axis)}", (row.gmacs, row.val_top1),
                     textcoords="offset points", xytext=(4, 5), fontsize=8, color="C3")
     if len(done) and done.gmacs.max() > 10 * done.gmacs.min():
         ax.set_xscale("log")
