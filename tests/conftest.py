@@ -58,8 +58,9 @@ SHARED_JOBS = ("trained", "expansion")
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Before xdist reads the groups (tryfirst). With `-n N --dist loadgroup` (pytest-xdist): one group per shared job, else one per test file (which keeps a
-    file's own session-scoped jobs, such as test_search's resumed search, in one worker, so each runs once)."""
+    """With `-n N --dist loadgroup` (pytest-xdist): one group per shared job, else one per test file (which keeps a
+    file's own session-scoped jobs, such as test_search's resumed search, in one worker, so each runs once).
+    tryfirst: xdist reads the groups in its own hook of this name; marks added after it are ignored."""
     for item in items:
         shared = [name for name in SHARED_JOBS if name in item.fixturenames]
         group = shared[0] if shared else item.module.__name__
