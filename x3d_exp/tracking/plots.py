@@ -49,12 +49,18 @@ def plot_top1_vs_gmacs(table, title: str, path: Path, summary_csv: str) -> Path:
     for i, (_, row) in enumerate(done.sort_values("gmacs").iterrows()):
         ax.annotate(row.changed, (row.gmacs, row.test_top1), textcoords="offset points", xytext=(4, 4 + 9 * (i % 3)),
                     fontsize=7)
-    if len(done) and done.gmacs.max() > 10 * done.gmacs.min():
-        ax.set_xscale("log")
     failed = int((table.status != "FINISHED").sum())
+    title = f"{title}: {len(done)} finished" + (f", {failed} failed (see {summary_csv})" if failed else "")
+    return _save_cost_plot(plt, fig, ax, done.gmacs, "test top-1", title, path)
+
+
+def _save_cost_plot(plt, fig, ax, gmacs, ylabel: str, title: str, path: Path) -> Path:
+    """Axes, title and file of an accuracy-against-GMACs figure (log GMACs when they span more than 10x)."""
+    if len(gmacs) and gmacs.max() > 10 * gmacs.min():
+        ax.set_xscale("log")
     ax.set_xlabel("GMACs per training clip (the clip each job trained on)")
-    ax.set_ylabel("test top-1")
-    ax.set_title(f"{title}: {len(done)} finished" + (f", {failed} failed (see {summary_csv})" if failed else ""))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -82,15 +88,7 @@ def plot_expansion_path(table, title: str, path: Path) -> Path:
     for _, row in chosen.iterrows():
         ax.annotate(f"{row.step}: {_greek(row.axis)}", (row.gmacs, row.val_top1),
                     textcoords="offset points", xytext=(4, 5), fontsize=8, color="C3")
-    if len(done) and done.gmacs.max() > 10 * done.gmacs.min():
-        ax.set_xscale("log")
-    failed = int((table.status != "FINISHED").sum())
-    ax.set_xlabel("GMACs per training clip")
-    ax.set_ylabel("val top-1")
-    ax.set_title(f"{title}: {len(table)} candidates" + (f", {failed} failed" if failed else ""))
-    ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    failed = int((table.status != "FINISHED").sum())
+    title = f"{title}: {len(table)} candidates" + (f", {failed} failed" if failed else "")
+    return _save_cost_plot(plt, fig, ax, done.gmacs, "val top-1", title, path)

@@ -74,6 +74,8 @@ def factor_key(factors: Dict[str, float]) -> str:
 
 
 def expand(factors: Dict[str, float], axis: str, multiplier: float) -> Dict[str, float]:
+    """The factors with `axis` expanded by `multiplier`, to 8 significant digits (so that sqrt(2) twice is 2.0 in
+    the jobs' params and run names, not 2.0000000000000004)."""
     out = dict(factors)
     if axis == "gamma_tau":
         # gamma_tau is the sampling stride here: a higher frame rate over the same duration is more frames,
@@ -82,7 +84,7 @@ def expand(factors: Dict[str, float], axis: str, multiplier: float) -> Dict[str,
         out["gamma_tau"] = factors["gamma_tau"] / multiplier
     else:
         out[axis] = factors[axis] * multiplier
-    return out
+    return {name: float(f"{value:.8g}") for name, value in out.items()}
 
 
 def job_overrides(candidate: Candidate) -> List[str]:
