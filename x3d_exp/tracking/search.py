@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from x3d_exp.config import FACTORS
 from x3d_exp.errors import ConfigError
 from x3d_exp.tracking.plots import plot_expansion_path
-from x3d_exp.tracking.sweeps import PARENT_FILE, SEARCH_RESULT, STEP_TAG, AXIS_TAG
+from x3d_exp.tracking.sweeps import AXIS_TAG, PARENT_FILE, SEARCH_RESULT, STEP_TAG, as_float, best_val_top1
 
 log = logging.getLogger("x3d_exp.tracking.search")
 
@@ -158,21 +158,14 @@ def finished_children(client: MlflowClient, parent: str) -> Dict[str, Candidate]
         params, tags = run.data.params, run.data.tags
         if STEP_TAG not in tags:
             continue
-        val = [m.value for m in client.get_metric_history(run.info.run_id, "val/top1")]
         factors = {name: float(params[f"model.{name}"]) for name in FACTORS}
+        size = as_float(params.get("model_params"))
         candidate = Candidate(int(tags[STEP_TAG]), tags[AXIS_TAG], factors, "FINISHED",
-                              max(val) if val else None, run.data.metrics.get("test/top1"),
-                              _number(params.get("model_gmacs")), _number(params.get("model_params"), int),
+                              best_val_top1(client, run.info.run_id), run.data.metrics.get("test/top1"),
+                              as_float(params.get("model_gmacs")), None if size is None else int(size),
                               params.get("clip"), run.info.run_id, reused=True)
         found[candidate.key] = candidate
     return found
-
-
-def _number(value, kind=float):
-    try:
-        return kind(float(value))
-    except (TypeError, ValueError):
-        return None
 
 
 class ProgressiveSearch:

@@ -110,7 +110,14 @@ def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig, context: JobCont
     return outcome
 
 
-def _float(value) -> Optional[float]:
+def best_val_top1(client, run_id: str) -> Optional[float]:
+    """The best val/top1 a run logged (None before its first validation)."""
+    values = [m.value for m in client.get_metric_history(run_id, "val/top1")]
+    return max(values) if values else None
+
+
+def as_float(value) -> Optional[float]:
+    """An MLflow param (a string) as a number, None when it is missing or not one."""
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -131,13 +138,12 @@ def summary_table(client, children: List, base_params: dict):
     rows = []
     for run in children:
         params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-        val = [m.value for m in client.get_metric_history(run.info.run_id, "val/top1")]
         row = {"job": int(tags.get("sweep.job", -1)), "status": run.info.status,
                "changed": _changed(params, base_params) or "(base)", "model": params.get("model.name")}
-        row.update({f: _float(params.get(f"model.{f}")) for f in FACTORS})
-        row.update(clip=params.get("clip"), params=_float(params.get("model_params")),
-                   gmacs=_float(params.get("model_gmacs")), gmacs_nominal=_float(params.get("model_gmacs_nominal")),
-                   val_top1=max(val) if val else None, test_top1=metrics.get("test/top1"),
+        row.update({f: as_float(params.get(f"model.{f}")) for f in FACTORS})
+        row.update(clip=params.get("clip"), params=as_float(params.get("model_params")),
+                   gmacs=as_float(params.get("model_gmacs")), gmacs_nominal=as_float(params.get("model_gmacs_nominal")),
+                   val_top1=best_val_top1(client, run.info.run_id), test_top1=metrics.get("test/top1"),
                    test_top5=metrics.get("test/top5"), error=_first_line(tags.get("error", "")),
                    overrides=tags.get("hydra_overrides", ""), run_id=run.info.run_id)
         rows.append(row)
