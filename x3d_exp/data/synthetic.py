@@ -72,7 +72,7 @@ def render(rng: np.random.Generator, motion: str, frames: int, size: int, object
     `speed` (fractions of the frame per frame), both drawn per video from the given ranges, so every generated
     resolution shows the same video. Positions are sub-pixel (bilinear), so slow motion is seen by models that
     sample every frame too. The default speed puts X3D-XS's frames (12 apart at 30 fps) 5-7% of the frame apart,
-    the 3-4 px at 64 px that a small 3D CNN and X3D-XS learned reliably (docs/recipe.md).
+    the 3-4 px at 64 px that a small 3D CNN and X3D-XS learned reliably (docs/data.md, the synthetic default).
     """
     block = max(2, size // 8)
     cells = math.ceil(size / block)
