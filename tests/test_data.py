@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.data_helpers.layouts import (SIZES, data_cfg, kinetics_official, slowfast_lists, tiny_copy, ucf101,
-                                        write_video)
+from tests.data_helpers.layouts import (SIZES, data_cfg, kinetics_labels, kinetics_official, slowfast_lists, tiny_copy,
+                                        ucf101, write_video)
 from x3d_exp.data import DataError, build_loader, ensure_synthetic, load_video_views
 from x3d_exp.data.synthetic import CLASSES, render
 from x3d_exp.data.video import clip_frame_indices
@@ -433,7 +433,8 @@ def test_a_failure_inside_the_dataset_pipeline_is_one_line_naming_the_file():
 def test_each_real_data_group_runs_through_the_cli_with_its_own_defaults(group, classes, tmp_path, cache):
     """data=<group> as a user runs it: the group's batch (8), workers (auto), class count and 10x3 test views, and
     the model's own clip (X3D-XS, 4 x 160 px); only the epochs are cut. A 4-core default once crashed 2-core
-    machines in build_loader (num_parallel_workers out of bounds)."""
+    machines in build_loader (num_parallel_workers out of bounds). Kinetics is read from its official csvs with
+    all 400 labels (one training epoch is 50 steps), so the class ids are the published names in sorted order."""
     from tests.cli_helpers import final_json, run_cli, runs_of, store_uri
 
     tiny_copy(group, tmp_path / group, int(classes))
@@ -449,6 +450,12 @@ def test_each_real_data_group_runs_through_the_cli_with_its_own_defaults(group, 
                                                                                                    classes)
     assert (params["data.test_num_clips"], params["data.test_num_crops"]) == ("10", "3")
     assert "num_parallel_workers" not in done.stderr and "Traceback" not in done.stderr
+    per_class = json.loads((tmp_path / "run" / "per_class_accuracy.json").read_text())
+    assert len(per_class) == int(classes)
+    if group == "k400":
+        assert list(per_class) == sorted(kinetics_labels(400))
+        assert list(per_class)[:3] == ["abseiling", "activity 000", "activity 001"]
+        assert "passing American football (in game)" in per_class and "massaging person's head" in per_class
 
 
 def test_several_training_clips_per_video_come_from_one_decode_each_augmented_on_its_own(

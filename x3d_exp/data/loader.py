@@ -109,8 +109,8 @@ def train_clips(path: str, spec: ClipSpec, rng: np.random.Generator, count: int)
     """`count` independently augmented training clips [count, 3, T, crop, crop] float32 of one decode: each has its
     own window, short side in train_scale, crop and flip. Raises BadVideo.
 
-    The reader resizes to the largest of the drawn sizes; the other clips are scaled down from it (bilinear, ~1 ms
-    a frame), which costs far less than opening and decoding the video again.
+    The reader resizes to the largest of the drawn sizes; each other clip's crop window is cut from it and scaled
+    down to the crop (bilinear), which costs far less than opening and decoding the video again.
     """
     sides = [max(int(rng.integers(spec.train_scale[0], spec.train_scale[1] + 1)), spec.crop_size)
              for _ in range(count)]
@@ -118,8 +118,9 @@ def train_clips(path: str, spec: ClipSpec, rng: np.random.Generator, count: int)
     clips = read_clips(path, max(sides), positions, num_frames=spec.num_frames, sampling_rate=spec.sampling_rate,
                        target_fps=spec.target_fps, num_threads=spec.decode_threads)
     height, width = probe_size(path)
-    return normalise(np.stack([train_crop(resize_frames(clip, *short_side_size(height, width, side)), spec.crop_size,
-                                          rng, spec.train_flip) for clip, side in zip(clips, sides)]))
+    windows = [train_crop(clip, spec.crop_size, rng, spec.train_flip, short_side_size(height, width, side))
+               for clip, side in zip(clips, sides)]
+    return normalise(np.stack([resize_frames(window, spec.crop_size, spec.crop_size) for window in windows]))
 
 
 def eval_clips(path: str, spec: ClipSpec, num_clips: int) -> np.ndarray:

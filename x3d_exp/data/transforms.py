@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -19,12 +19,20 @@ def normalise(frames: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(out, -1, -4))
 
 
-def train_crop(frames: np.ndarray, crop: int, rng: np.random.Generator, flip: bool = True) -> np.ndarray:
-    """Random `crop`x`crop` window of frames [T, H, W, 3], and with `flip` a horizontal flip with p=0.5."""
-    height, width = frames.shape[1:3]
+def train_crop(frames: np.ndarray, crop: int, rng: np.random.Generator, flip: bool = True,
+               frame_size: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """Random `crop`x`crop` window of frames [T, H, W, 3], and with `flip` a horizontal flip with p=0.5.
+
+    `frame_size` (h, w) smaller than the frames: the window is drawn as in frames of that size, and the same region
+    of these larger frames is returned (about crop * H / h on a side) for the caller to scale down to the crop;
+    scaling only the window costs a fraction of scaling whole frames first.
+    """
+    height, width = frame_size or frames.shape[1:3]
     top = int(rng.integers(0, height - crop + 1))
     left = int(rng.integers(0, width - crop + 1))
-    clip = frames[:, top:top + crop, left:left + crop]
+    scale_y, scale_x = frames.shape[1] / height, frames.shape[2] / width
+    clip = frames[:, round(top * scale_y):round((top + crop) * scale_y),
+                  round(left * scale_x):round((left + crop) * scale_x)]
     # Drawn either way, so that switching the flip off leaves the rest of a seed's augmentation as it was.
     flipped = rng.random() < 0.5
     if flip and flipped:

@@ -19,6 +19,7 @@ import av
 # MindSpore must be loaded before decord: the other order aborts the process inside MindSpore's import
 # ("random_device could not be read", MindSpore 2.10 + decord 0.6.0).
 import mindspore  # noqa: F401  isort: skip
+import mindspore.dataset.vision as vision  # noqa: E402  isort: skip
 import decord  # noqa: E402  isort: skip
 import numpy as np
 
@@ -97,14 +98,19 @@ def open_reader(path: str, width: int, height: int, num_threads: int) -> decord.
     return decord.VideoReader(path, width=width, height=height, num_threads=num_threads)
 
 
+@functools.lru_cache(maxsize=64)
+def _bilinear(height: int, width: int) -> vision.Resize:
+    return vision.Resize((height, width), vision.Inter.BILINEAR)
+
+
 def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Frames [N, H, W, 3] uint8 resized to [N, height, width, 3] by ffmpeg's bilinear scaler (~1 ms per frame of
-    300x230; bicubic, decord's own choice, costs 4x that in swscale's packed-RGB path)."""
+    """Frames [N, H, W, 3] uint8 resized to [N, height, width, 3], bilinear (no antialiasing, like PySlowFast's
+    torch interpolation). MindSpore's eager image op: 2.5 ms for 16 windows of 249x249 to 224x224, against 18 ms for
+    ffmpeg's bilinear scaler on packed RGB through PyAV."""
     if frames.shape[1:3] == (height, width):
         return frames
-    return np.stack([av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-                     .reformat(width=width, height=height, interpolation="BILINEAR").to_ndarray()
-                     for frame in frames])
+    resize = _bilinear(height, width)
+    return np.stack([resize(np.ascontiguousarray(frame)) for frame in frames])
 
 
 def read_clips(path: str, short_side: Optional[int], positions: Sequence[float], *, num_frames: int,
