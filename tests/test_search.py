@@ -50,6 +50,20 @@ def test_one_step_from_x2d_costs_what_the_paper_says_per_axis():
     assert 3.0 < ratios["gamma_w"] < 3.6, ratios
 
 
+def test_the_cost_of_a_folder_dataset_counts_the_head_its_jobs_build(tmp_path):
+    """data=folder sizes the head from its class folders (num_classes null); the search's cost must too."""
+    from tests.data_helpers.layouts import class_folders
+
+    class_folders(tmp_path / "videos", {"cat": 3, "dog": 3})
+    config = compose_config("+sweep=progressive", "data=folder", f"data.root={tmp_path / 'videos'}")
+    assert config.data.num_classes is None
+    derived = trained_gmacs(config, X2D)
+    config.data.num_classes = 2
+    assert derived == trained_gmacs(config, X2D)
+    config.data.num_classes = 400
+    assert trained_gmacs(config, X2D) > derived
+
+
 def _candidate(axis, val, gmacs, step=1):
     return Candidate(step, axis, X2D, "FINISHED", val, val, gmacs)
 

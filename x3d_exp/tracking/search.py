@@ -288,11 +288,13 @@ def trained_gmacs(config, factors: Dict[str, float]) -> float:
     from omegaconf import OmegaConf
 
     from x3d_exp.config import input_sizes, model_kwargs, train_clip
+    from x3d_exp.data.loader import resolve_num_classes
     from x3d_exp.models import build_model
     from x3d_exp.models.summary import trace_network
 
     cfg = OmegaConf.merge(OmegaConf.masked_copy(config, ["model", "data"]), {"model": factors})
-    net = build_model(cfg.model.name, num_classes=int(cfg.data.num_classes or 400), conv_impl="native",
+    # data=folder leaves the count null: its jobs size the head from the class folders, so the cost does too.
+    net = build_model(cfg.model.name, num_classes=resolve_num_classes(cfg.data), conv_impl="native",
                       **model_kwargs(cfg))
     return trace_network(net, train_clip(input_sizes(cfg, net.spec))).gmacs
 
