@@ -56,12 +56,20 @@ def expansion(tmp_path_factory, cache):
 SHARED_JOBS = ("trained", "expansion")
 
 
+def _uses_a_session_fixture_of_its_file(item) -> bool:
+    return any(defs[-1].scope == "session" and getattr(defs[-1].func, "__module__", None) == item.module.__name__
+               for defs in item._fixtureinfo.name2fixturedefs.values())
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """With `-n N --dist loadgroup` (pytest-xdist): one group per shared job, else one per test file (which keeps a
-    file's own session-scoped jobs, such as test_search's resumed search, in one worker, so each runs once).
+    """With `-n N --dist loadgroup` (pytest-xdist): one group per shared job, and one per test file for the tests that
+    use a session fixture of their file (such as test_search's resumed search), so that each such job runs once, in
+    one worker. The other tests are free, so that long ones (the data groups' CLI runs) spread over the workers.
     tryfirst: xdist reads the groups in its own hook of this name; marks added after it are ignored."""
     for item in items:
         shared = [name for name in SHARED_JOBS if name in item.fixturenames]
-        group = shared[0] if shared else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
+        elif _uses_a_session_fixture_of_its_file(item):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

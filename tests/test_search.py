@@ -1,5 +1,5 @@
 """X3D's progressive expansion search (x3d_exp.tracking.search, hydra_plugins.x3d_exp_search): the algorithm on its
-own, and whole searches through the real CLI, Hydra's joblib launcher and a real sqlite store."""
+own, and whole searches through the real CLI, Hydra's joblib and submitit_local launchers and a real sqlite store."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Optional
 
 import pandas as pd
 import pytest
@@ -252,6 +254,55 @@ def test_the_search_records_its_path_and_a_failed_axis(resumed_search):
             assert child.data.tags["sweep.step"] in ("0", "1", "2") and child.data.tags["sweep.axis"]
             assert "val/top1" in child.data.metrics and "test/top1" in child.data.metrics
             assert all(f"model.{f}" in child.data.params for f in FACTORS)
+
+
+def _process_with_open_file_under(folder: Path) -> Optional[int]:
+    """The pid of a process holding a file under `folder` open (a Hydra job keeps its log file open)."""
+    prefix = f"{folder}{os.sep}"
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if any(os.readlink(fd).startswith(prefix) for fd in (proc / "fd").iterdir()):
+                    return int(proc.name)
+            except OSError:  # the process ended, or is not ours to read
+                continue
+    return None
+
+
+@pytest.mark.slow
+def test_a_job_the_launcher_loses_fails_alone_and_the_batch_keeps_its_finished_jobs(tmp_path, cache):
+    """submitit's launch() raises once any job of a batch died outside its task (SIGKILL here, as the OOM killer or a
+    lost node would), and its other jobs' return values are lost with it. The search takes the finished ones from
+    their MLflow runs, fails only the lost one, and goes on."""
+    uri = store_uri(tmp_path)
+    args = [sys.executable, str(REPO / "run.py"), "-m", *TINY_DATA, "+sweep=progressive", "sweep.steps=1",
+            "sweep.axes=[gamma_t,gamma_s]", "trainer.epochs=1", "hydra/launcher=submitit_local",
+            f"mlflow.tracking_uri={uri}"]
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        search = subprocess.Popen(args, cwd=tmp_path, env=cli_env(cache), stdout=stdout, stderr=stderr)
+        killed, deadline = None, time.time() + 600
+        # Job 2 is gamma_s, the last of step 1's batch: submitit's launch() waits for job 1, then raises for it.
+        while killed is None and search.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+            for job_dir in tmp_path.glob("multirun/progressive/*/2"):
+                killed = _process_with_open_file_under(job_dir)
+                if killed:
+                    os.kill(killed, signal.SIGKILL)
+        search.wait(timeout=600)
+    out, err = out.read_text(), err.read_text()
+    assert killed, f"job 2 never ran (exit {search.returncode}): {err[-3000:]}"
+    assert search.returncode == 0, err[-3000:]
+    assert re.search(r"the launcher lost jobs 1-2: Job \d+ \(task: 0\)", out + err), (out + err)[-3000:]
+    assert re.search(r"1 steps, 3 candidates \(2 trained here, 1 failed\), found gamma_t=2 ", out), out[-2000:]
+    (sweep_dir,) = tmp_path.glob("multirun/progressive/*")
+    path = pd.read_csv(sweep_dir / "expansion_path.csv").set_index("axis")
+    assert list(path.status) == ["FINISHED", "FINISHED", "FAILED"] and bool(path.chosen["gamma_t"])
+    assert path.error["gamma_s"].startswith("the launcher lost the batch: UncompletedJobError")
+    _, children = _children(uri)
+    assert {c.data.tags["sweep.axis"]: c.info.status for c in children if c.info.status == "FINISHED"} == \
+        {"start": "FINISHED", "gamma_t": "FINISHED"}
+    assert all(c.info.status != "RUNNING" for c in children)
 
 
 def test_the_found_model_trains_with_model_equals(resumed_search, cache):

@@ -63,6 +63,11 @@ class Candidate:
     def key(self) -> str:
         return factor_key(self.factors)
 
+    def take_outcome(self, trained: "Candidate") -> None:
+        """What training `trained`, the same point of the search, gave."""
+        for name in OUTCOME:
+            setattr(self, name, getattr(trained, name))
+
     @property
     def finished(self) -> bool:
         return self.status == "FINISHED" and self.val_top1 is not None and self.gmacs is not None
@@ -188,8 +193,7 @@ class ProgressiveSearch:
         for candidate in batch:
             earlier = self.done.get(candidate.key)
             if earlier is not None:
-                for name in OUTCOME:
-                    setattr(candidate, name, getattr(earlier, name))
+                candidate.take_outcome(earlier)
                 candidate.reused = True
             else:
                 missing.append(candidate)
@@ -331,8 +335,13 @@ def run_progressive_sweep(config, arguments: Sequence[str], launcher) -> Candida
             returns = [None] * len(batch)
             first_line = next(iter(str(err).splitlines()), "")
             reason = f"the launcher lost the batch: {type(err).__name__}: {first_line[:300]}"
+            # One lost job makes the whole launch() raise; the jobs that did finish say so in their runs.
+            recorded = finished_children(client, parent) if client else {}
             for candidate in batch:
-                candidate.status, candidate.error = "FAILED", reason
+                if candidate.key in recorded:
+                    candidate.take_outcome(recorded[candidate.key])
+                else:
+                    candidate.status, candidate.error = "FAILED", reason
         for candidate, ret in zip(batch, returns):
             if ret is not None:
                 _apply_outcome(candidate, ret._return_value if ret.status == JobStatus.COMPLETED
