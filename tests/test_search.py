@@ -303,6 +303,12 @@ def test_a_job_the_launcher_loses_fails_alone_and_the_batch_keeps_its_finished_j
     assert {c.data.tags["sweep.axis"]: c.info.status for c in children if c.info.status == "FINISHED"} == \
         {"start": "FINISHED", "gamma_t": "FINISHED"}
     assert all(c.info.status != "RUNNING" for c in children)
+    # The sweep's own account counts the job that died before it opened a run.
+    assert "2 of 3 jobs finished" in out
+    summary = pd.read_csv(sweep_dir / "sweep_summary.csv").set_index("job")
+    assert summary.status.to_dict() == {0: "FINISHED", 1: "FINISHED", 2: "FAILED"}
+    assert summary.error[2].startswith("the job ended before it opened its MLflow run")
+    assert "model.gamma_s=1.4142136" in summary.overrides[2]
 
 
 def test_the_found_model_trains_with_model_equals(resumed_search, cache):

@@ -7,6 +7,7 @@ Two pieces, both always on (conf/config.yaml), so ad-hoc sweeps are grouped like
   experiment and the parent run with the base config as params, and writes the parent's id to
   `<sweep dir>/mlflow_parent_run_id` for the jobs. `on_multirun_end` attaches `sweep_summary.csv` and
   `top1_vs_gmacs.png` to the parent, closes it (FAILED if any job failed) and exits with status 1 if any job failed.
+  A job folder of this multirun without a child run (the job was killed before it opened one) is a FAILED row.
   Should the multirun itself die (a job's composition error, Ctrl+C), an exit hook still writes the summary and
   closes the parent FAILED.
 - `run_job(task, cfg, job)`, which the CLI's task function calls (x3d_exp.cli). In a multirun job it creates the
@@ -32,6 +33,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
@@ -152,6 +154,21 @@ def summary_table(client, children: List, base_params: dict):
     return pd.DataFrame(rows, columns=columns).sort_values("job", kind="stable").reset_index(drop=True)
 
 
+def lost_jobs(sweep_dir: Path, known_jobs, since: float) -> List[dict]:
+    """Summary rows for the job folders this multirun made (modified since `since`) that have no child run: jobs
+    that died before they opened one (killed by the OOM killer or a scheduler, or a lost node)."""
+    rows = []
+    for folder in sorted(sweep_dir.iterdir(), key=lambda f: f.name):
+        if folder.name.isdigit() and folder.is_dir() and int(folder.name) not in known_jobs \
+                and folder.stat().st_mtime >= since:
+            overrides = folder / ".hydra" / "overrides.yaml"
+            given = OmegaConf.load(overrides) if overrides.is_file() else []
+            rows.append({"job": int(folder.name), "status": "FAILED",
+                         "error": "the job ended before it opened its MLflow run (killed?)",
+                         "overrides": " ".join(str(o) for o in given)})
+    return rows
+
+
 class MlflowSweepCallback(Callback):
     """Parent run and summary of a multirun (see the module docstring)."""
 
@@ -164,8 +181,10 @@ class MlflowSweepCallback(Callback):
         self.tracking_uri = ""
         self.optimized_metric: Optional[str] = None
         self.allow_failed_jobs = False
+        self.started = 0.0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
         base = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         self.name = str(OmegaConf.select(base, "sweep.name", default=None) or "multirun")
         self.optimized_metric = OmegaConf.select(base, "sweep.optimized_metric", default=None)
@@ -235,6 +254,11 @@ class MlflowSweepCallback(Callback):
                 self.client.set_terminated(child.info.run_id, "FAILED")
         children = [self.client.get_run(c.info.run_id) for c in children]
         table = summary_table(self.client, children, self.base_params)
+        lost = lost_jobs(self.sweep_dir, set(table.job), self.started)
+        if lost:
+            import pandas as pd
+
+            table = pd.concat([table, pd.DataFrame(lost)], ignore_index=True).sort_values("job", kind="stable")
         csv = self.sweep_dir / SUMMARY_CSV
         table.to_csv(csv, index=False)
         self.client.log_artifact(parent, str(csv))
