@@ -158,7 +158,7 @@ def lost_jobs(sweep_dir: Path, known_jobs, since: float) -> List[dict]:
     """Summary rows for the job folders this multirun made (modified since `since`) that have no child run: jobs
     that died before they opened one (killed by the OOM killer or a scheduler, or a lost node)."""
     rows = []
-    for folder in sorted(sweep_dir.iterdir(), key=lambda f: f.name):
+    for folder in sweep_dir.iterdir():
         if folder.name.isdigit() and folder.is_dir() and int(folder.name) not in known_jobs \
                 and folder.stat().st_mtime >= since:
             overrides = folder / ".hydra" / "overrides.yaml"
@@ -258,7 +258,7 @@ class MlflowSweepCallback(Callback):
         if lost:
             import pandas as pd
 
-            table = pd.concat([table, pd.DataFrame(lost)], ignore_index=True).sort_values("job", kind="stable")
+            table = pd.concat([table, pd.DataFrame(lost)]).sort_values("job", kind="stable").reset_index(drop=True)
         csv = self.sweep_dir / SUMMARY_CSV
         table.to_csv(csv, index=False)
         self.client.log_artifact(parent, str(csv))
