@@ -426,15 +426,16 @@ def test_a_failure_inside_the_dataset_pipeline_is_one_line_naming_the_file():
 
 
 @pytest.mark.slow
-# k600 is k400's code path with another annotation prefix and class count (composed in test_config); a third CLI run
-# would cost the suite ~45 s more. data=folder's class count is not set: the tiny copy has 2 class folders.
-@pytest.mark.parametrize("group, classes", [("ucf101", "101"), ("k400", "400"), ("hmdb51", "51"), ("ssv2", "174"),
-                                            ("folder", "2")])
+# k400 reads the official csvs, k600 PySlowFast's lists. data=folder's class count is not set: the tiny copy has 2
+# class folders.
+@pytest.mark.parametrize("group, classes", [("ucf101", "101"), ("k400", "400"), ("k600", "600"), ("hmdb51", "51"),
+                                            ("ssv2", "174"), ("folder", "2")])
 def test_each_real_data_group_runs_through_the_cli_with_its_own_defaults(group, classes, tmp_path, cache):
     """data=<group> as a user runs it: the group's batch (8), workers (auto), class count and 10x3 test views, and
     the model's own clip (X3D-XS, 4 x 160 px); only the epochs are cut. A 4-core default once crashed 2-core
-    machines in build_loader (num_parallel_workers out of bounds). Kinetics is read from its official csvs with
-    all 400 labels (one training epoch is 50 steps), so the class ids are the published names in sorted order."""
+    machines in build_loader (num_parallel_workers out of bounds). Kinetics-400 is read from its official csvs
+    with all 400 labels (one training epoch is 50 steps), so the class ids are the published names in sorted
+    order."""
     from tests.cli_helpers import final_json, run_cli, runs_of, store_uri
 
     tiny_copy(group, tmp_path / group, int(classes))

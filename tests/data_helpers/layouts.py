@@ -150,9 +150,11 @@ def ssv2(root: Path, labels: Sequence[str], entries: Dict[str, Sequence[Tuple[st
 def tiny_copy(group: str, root: Path, num_classes: int) -> None:
     """A copy in the group's published layout with the group's class count, and one val/test video: UCF101's own lists
     with its 101 classes, HMDB51's split files of 51 classes and SSv2's json of 174 labels, each with eight training
-    videos (one batch of the groups' default 8); Kinetics' official csvs, whose classes are the train csv's labels,
-    so every class needs a training video (`kinetics_labels`); for data=folder one class of ten videos (8 train,
-    1 val, 1 test) and one of two, too few to split (both train)."""
+    videos (one batch of the groups' default 8); for Kinetics-400 the official csvs, whose classes are the train
+    csv's labels, so every class needs a training video (`kinetics_labels`); for Kinetics-600 PySlowFast's
+    `path label` lists (eight videos; the class count is the largest label + 1, so the last class is among them);
+    for data=folder one class of ten videos (8 train, 1 val, 1 test) and one of two, too few to split (both
+    train)."""
     spread = [k * (num_classes - 1) // 7 for k in range(8)]
     if group == "ucf101":
         classes = [f"Action{k:03d}" for k in range(num_classes)]
@@ -171,6 +173,9 @@ def tiny_copy(group: str, root: Path, num_classes: int) -> None:
     elif group == "folder":
         assert num_classes == 2
         class_folders(root, {"many": 10, "few": 2})
+    elif group == "k600":
+        slowfast_lists(root, {"train": [(f"train/{k}.mp4", label) for k, label in enumerate(spread)],
+                              "val": [("val/0.mp4", spread[3])], "test": [("test/0.mp4", spread[5])]})
     else:
         labels = kinetics_labels(num_classes)
         kinetics_official(root, {"train": [(label, f"yt{k:04d}") for k, label in enumerate(labels)],
