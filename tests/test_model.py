@@ -203,3 +203,43 @@ def test_importing_the_package_gives_the_process_set_up_and_says_when_mindspore_
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "AVX2"
     assert ("import x3d_exp first, or export ONEDNN_MAX_CPU_ISA=AVX2" in done.stderr) == warned, done.stderr[-2000:]
+
+
+_DROPOUT_MASKS = """
+import hashlib, sys
+import numpy as np
+import x3d_exp
+import mindspore as ms
+from x3d_exp.models.x3d import SeededDropout
+ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+ms.set_seed(int(sys.argv[1]))
+dropout = SeededDropout(0.5)
+dropout.set_train()
+x = ms.Tensor(np.ones((16, 2048), np.float32))
+digest, kept = hashlib.sha1(), []
+for _ in range(300):
+    out = dropout(x).asnumpy()
+    digest.update(out.tobytes())
+    kept.append(float((out > 0).mean()))
+values = set(np.unique(out).tolist())
+print(digest.hexdigest(), round(float(np.mean(kept)), 3), sorted(values))
+"""
+
+
+def test_dropout_masks_repeat_under_the_same_seed_in_separate_processes():
+    """MindSpore's CPU Dropout op drew different masks in two processes seeded alike after some calls (which made
+    seeded trainings drift apart); the head's dropout must repeat them exactly, and still depend on the seed."""
+    import subprocess
+    import sys
+
+    def masks(seed):
+        done = subprocess.run([sys.executable, "-c", _DROPOUT_MASKS, str(seed)], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        digest, kept, values = done.stdout.strip().splitlines()[-1].split(" ", 2)
+        return digest, float(kept), values
+
+    first, again, other = masks(3), masks(3), masks(4)
+    assert first[0] == again[0] != other[0]
+    # Half the units kept on average, each kept one scaled by 1 / (1 - p).
+    assert abs(first[1] - 0.5) < 0.01 and first[2] == "[0.0, 2.0]"

@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Tuple
 
 from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal, Normal, Zero
+from mindspore.common.seed import _get_graph_seed
 
 from x3d_exp import kernels
 from x3d_exp.config import FACTORS
@@ -254,6 +255,28 @@ class X3DStage(nn.Cell):
         return self.blocks(x)
 
 
+class SeededDropout(nn.Cell):
+    """Dropout whose masks follow MindSpore's global seed (`mindspore.set_seed`), so that a seeded training repeats.
+
+    MindSpore 2.10's CPU Dropout op does not: two processes seeded alike drew different masks after some calls (300
+    calls on [16, 2048]), and seeded trainings of the default run drifted apart by the second epoch. Its uniform
+    sampler with explicit seeds repeats exactly (the same check), so the mask is drawn from it.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        # The seeds nn.Dropout derives from the global seed (MindSpore's own helper; unseeded, they are random).
+        seed, seed2 = _get_graph_seed(0, "dropout")
+        self.uniform = ops.UniformReal(seed=seed, seed2=seed2)
+
+    def construct(self, x):
+        if not self.training:
+            return x
+        keep = ops.cast(self.uniform(ops.shape(x)) >= self.p, x.dtype)
+        return x * keep * (1.0 / (1.0 - self.p))
+
+
 class X3DHead(nn.Cell):
     """1x1x1 conv + BN + ReLU, global average pool, 2048-wide layer + ReLU, dropout, classifier.
 
@@ -271,7 +294,7 @@ class X3DHead(nn.Cell):
         self.fc = nn.Dense(inner_channels, head_width, has_bias=False,
                            weight_init=HeNormal(mode="fan_out", nonlinearity="relu"))
         self.fc_relu = nn.ReLU()
-        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else None
+        self.dropout = SeededDropout(dropout) if dropout > 0 else None
         self.proj = nn.Dense(head_width, num_classes, weight_init=Normal(0.01), bias_init=Zero())
 
     def construct(self, x):
