@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import mindspore.dataset as ds
 import numpy as np
 
-from x3d_exp.data.annotations import VideoList, load_split
+from x3d_exp.data.datasets.base import VideoList, load_split
 from x3d_exp.data.badlog import BadVideoLog
 from x3d_exp.data.config import valid_num_workers
 from x3d_exp.data.transforms import normalise, test_crops, train_crop, view_crop

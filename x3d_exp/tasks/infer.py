@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from x3d_exp.config import JobContext, input_sizes
 from x3d_exp.data import load_video_views
-from x3d_exp.data.annotations import SPLITS, load_split
+from x3d_exp.data.datasets.base import SPLITS, load_split
 from x3d_exp.data.synthetic import MANIFEST, SYNTHETIC_GROUPS
 from x3d_exp.engine.build import build_network, setup_context
 from x3d_exp.engine.evaluate import softmax
