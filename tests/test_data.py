@@ -324,7 +324,7 @@ def test_synthetic_classes_differ_only_in_motion():
 
 
 def synthetic_cfg(root, seed=0):
-    cfg = data_cfg(root, name="synthetic", annotation_prefix="synthetic", num_classes=4)
+    cfg = data_cfg(root, name="synthetic", format="synthetic", annotation_prefix="synthetic", num_classes=4)
     cfg.synthetic.update(train_per_class=2, val_per_class=1, test_per_class=1, frames=12, size=32, seed=seed)
     return cfg
 
