@@ -5,10 +5,11 @@ Adding a layout is one module here that registers a `Layout` subclass, imported 
 that names it in `format` (docs/data.md, "Adding a dataset layout").
 """
 
-from x3d_exp.data.datasets.base import (LAYOUTS, SPLITS, VIDEO_EXTENSIONS, AnnotationNotFound, Layout, VideoList,
-                                        dataset_layout, is_video, load_split, register_layout)
+from x3d_exp.data.datasets.base import (LAYOUTS, SPLITS, VIDEO_EXTENSIONS, AnnotationNotFound, Layout, PathTable,
+                                        VideoList, check_class_count, dataset_layout, is_video, load_split, read_lines,
+                                        register_layout)
 # Imported for their registration; the order is the one error messages list them in.
 from x3d_exp.data.datasets import kinetics, ucf101, hmdb51, ssv2, folder, synthetic  # noqa: F401
 
-__all__ = ["LAYOUTS", "SPLITS", "VIDEO_EXTENSIONS", "AnnotationNotFound", "Layout", "VideoList", "dataset_layout",
-           "is_video", "load_split", "register_layout"]
+__all__ = ["LAYOUTS", "SPLITS", "VIDEO_EXTENSIONS", "AnnotationNotFound", "Layout", "PathTable", "VideoList",
+           "check_class_count", "dataset_layout", "is_video", "load_split", "read_lines", "register_layout"]
