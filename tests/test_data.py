@@ -324,7 +324,7 @@ def test_synthetic_classes_differ_only_in_motion():
 
 
 def synthetic_cfg(root, seed=0):
-    cfg = data_cfg(root, name="synthetic", annotation_prefix="synthetic", num_classes=4)
+    cfg = data_cfg(root, name="synthetic", format="synthetic", annotation_prefix="synthetic", num_classes=4)
     cfg.synthetic.update(train_per_class=2, val_per_class=1, test_per_class=1, frames=12, size=32, seed=seed)
     return cfg
 
@@ -426,8 +426,8 @@ def test_a_failure_inside_the_dataset_pipeline_is_one_line_naming_the_file():
 
 
 @pytest.mark.slow
-# k400 reads the official csvs, k600 PySlowFast's lists. data=folder's class count is not set: the tiny copy has 2
-# class folders.
+# k400 reads the official csvs (train and val only), k600 PySlowFast's lists. data=folder's class count is not set:
+# the tiny copy has 2 class folders.
 @pytest.mark.parametrize("group, classes", [("ucf101", "101"), ("k400", "400"), ("k600", "600"), ("hmdb51", "51"),
                                             ("ssv2", "174"), ("folder", "2")])
 def test_each_real_data_group_runs_through_the_cli_with_its_own_defaults(group, classes, tmp_path, cache):
@@ -435,7 +435,7 @@ def test_each_real_data_group_runs_through_the_cli_with_its_own_defaults(group, 
     the model's own clip (X3D-XS, 4 x 160 px); only the epochs are cut. A 4-core default once crashed 2-core
     machines in build_loader (num_parallel_workers out of bounds). Kinetics-400 is read from its official csvs
     with all 400 labels (one training epoch is 50 steps), so the class ids are the published names in sorted
-    order."""
+    order; its copy has train and val csvs only, as most downloads do, so the test runs on val with one warning."""
     from tests.cli_helpers import final_json, run_cli, runs_of, store_uri
 
     tiny_copy(group, tmp_path / group, int(classes))
@@ -453,7 +453,12 @@ def test_each_real_data_group_runs_through_the_cli_with_its_own_defaults(group, 
     assert "num_parallel_workers" not in done.stderr and "Traceback" not in done.stderr
     per_class = json.loads((tmp_path / "run" / "per_class_accuracy.json").read_text())
     assert len(per_class) == int(classes)
+    # Logged by Hydra's job logging, which writes to stdout.
+    output = (done.stdout + done.stderr).splitlines()
+    fallback = [line for line in output if "so the test runs on the val split" in line]
+    assert len(fallback) == (1 if group == "k400" else 0), done.stdout[-3000:]
     if group == "k400":
+        assert f"{tmp_path / group / 'kinetics-400_test.csv'}: not found" in fallback[0]
         assert list(per_class) == sorted(kinetics_labels(400))
         assert list(per_class)[:3] == ["abseiling", "activity 000", "activity 001"]
         assert "passing American football (in game)" in per_class and "massaging person's head" in per_class

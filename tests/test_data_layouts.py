@@ -15,7 +15,7 @@ import pytest
 from tests.cli_helpers import compose_config
 from tests.data_helpers.layouts import SIZES, class_folders, data_cfg, hmdb51, ssv2, write_video
 from x3d_exp.data import DataError, build_loader, resolve_num_classes
-from x3d_exp.data.annotations import SPLITS, load_split
+from x3d_exp.data.datasets import SPLITS, load_split
 
 HMDB_SPLITS = "testTrainMulti_7030_splits"
 

@@ -1,16 +1,17 @@
-"""task=prepare through the real CLI on a tiny generated dataset: re-encoded sizes, the layout kept, a bad file
-counted, a resumed run, a refused destination."""
+"""task=prepare on a tiny generated dataset, in process: re-encoded sizes, the layout kept, a bad file counted, a
+resumed run, a refused destination; and through the real CLI, its one-line refusal."""
 
 from __future__ import annotations
 
 import av
 import pytest
 
-from tests.cli_helpers import final_json, run_cli
+from tests.cli_helpers import compose_config, run_cli
 from tests.data_helpers.layouts import write_video
 from x3d_exp.data import DataError, load_video_views
 from x3d_exp.data.prepare import check_roots
 from x3d_exp.data.video import probe_size
+from x3d_exp.tasks.prepare import task_prepare
 
 
 def frames_of(path) -> int:
@@ -43,18 +44,18 @@ def source(tmp_path):
     return root
 
 
-def test_prepare_reencodes_keeps_the_layout_counts_bad_files_and_resumes(source, tmp_path, cache):
+def test_prepare_reencodes_keeps_the_layout_counts_bad_files_and_resumes(source, tmp_path, capsys):
+    """task=prepare in process (the CLI's part, its one-line error, is the slow test below)."""
     dst = tmp_path / "k400_24"
-    args = ["task=prepare", f"prepare.src={source}", f"prepare.dst={dst}", "prepare.short_side=24",
-            "prepare.keyint=4", "trainer.progress=on", f"hydra.run.dir={tmp_path / 'run'}"]
-    done = run_cli(args, cwd=tmp_path, cache=cache)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = final_json(done.stdout)
+    cfg = compose_config("task=prepare", f"prepare.src={source}", f"prepare.dst={dst}", "prepare.short_side=24",
+                         "prepare.keyint=4", "trainer.progress=on")
+    result = task_prepare(cfg)
+    out, err = capsys.readouterr()
     assert (result["encoded"], result["copied"], result["skipped"], result["bad"]) == (3, 3, 0, 1)
     assert result["bad_files"] == ["train/bad_000000_000010.mp4"]
-    assert "bad video skipped: " in done.stderr and "bad_000000_000010.mp4" in done.stderr
-    assert "prepare k400 -> 24p" in done.stderr  # the progress bar
-    assert "prepare: 3 videos re-encoded to short side 24, 3 files copied, 0 already done, 1 bad" in done.stdout
+    assert "bad video skipped: " in err and "bad_000000_000010.mp4" in err
+    assert "prepare k400 -> 24p" in err  # the progress bar
+    assert "prepare: 3 videos re-encoded to short side 24, 3 files copied, 0 already done, 1 bad" in out
 
     # Same relative paths (the bad file aside), short side 24 with the aspect ratio kept, every frame kept.
     assert files_under(dst) == [f for f in files_under(source) if "bad_" not in f]
@@ -75,12 +76,13 @@ def test_prepare_reencodes_keeps_the_layout_counts_bad_files_and_resumes(source,
     # A killed run leaves a partial file and lacks an output: the next run redoes only that, and retries the bad file.
     (dst / "val/c_000000_000010.avi").unlink()
     (dst / "val/.partial-c_000000_000010.avi").write_bytes(b"half a file")
-    again = run_cli(args, cwd=tmp_path, cache=cache)
-    assert again.returncode == 0, again.stderr[-3000:]
-    result = final_json(again.stdout)
+    result = task_prepare(cfg)
     assert (result["encoded"], result["copied"], result["skipped"], result["bad"]) == (1, 0, 5, 1)
     assert files_under(dst) == [f for f in files_under(source) if "bad_" not in f]
 
+
+@pytest.mark.slow
+def test_prepare_through_the_cli_refuses_to_overwrite_its_source_in_one_line(source, tmp_path, cache):
     refused = run_cli(["task=prepare", f"prepare.src={source}", f"prepare.dst={source}"], cwd=tmp_path, cache=cache)
     assert refused.returncode == 2
     assert refused.stderr.strip() == (f"error: prepare.dst={source} overlaps the source {source}: give a new folder "

@@ -150,8 +150,9 @@ def ssv2(root: Path, labels: Sequence[str], entries: Dict[str, Sequence[Tuple[st
 def tiny_copy(group: str, root: Path, num_classes: int) -> None:
     """A copy in the group's published layout with the group's class count, and one val/test video: UCF101's own lists
     with its 101 classes, HMDB51's split files of 51 classes and SSv2's json of 174 labels, each with eight training
-    videos (one batch of the groups' default 8); for Kinetics-400 the official csvs, whose classes are the train
-    csv's labels, so every class needs a training video (`kinetics_labels`); for Kinetics-600 PySlowFast's
+    videos (one batch of the groups' default 8); for Kinetics-400 the official train and val csvs, as most
+    downloads have them (no test csv), whose classes are the train csv's labels, so every class needs a training
+    video (`kinetics_labels`); for Kinetics-600 PySlowFast's
     `path label` lists (eight videos; the class count is the largest label + 1, so the last class is among them);
     for data=folder one class of ten videos (8 train, 1 val, 1 test) and one of two, too few to split (both
     train)."""
@@ -179,7 +180,7 @@ def tiny_copy(group: str, root: Path, num_classes: int) -> None:
     else:
         labels = kinetics_labels(num_classes)
         kinetics_official(root, {"train": [(label, f"yt{k:04d}") for k, label in enumerate(labels)],
-                                 "val": [(labels[spread[3]], "val0")], "test": [(labels[spread[5]], "test0")]},
+                                 "val": [(labels[spread[3]], "val0")]},
                           prefix=f"kinetics-{num_classes}", split_column={"val": "validate"})
 
 

@@ -93,8 +93,8 @@ def time_loader(root: Path, setting: dict, workers, seconds: float, split: str =
     # Knobs at their defaults are left out, so that this script also times code from before they existed.
     knobs = {key: value for key, value in (("decode_threads", decode_threads),
                                            ("train_clips_per_video", clips_per_video)) if value != 1}
-    cfg = OmegaConf.structured(DataConfig(name="bench", root=str(root), annotation_prefix="bench", num_classes=2,
-                                          num_workers=workers, batch_size=batch_size, **knobs))
+    cfg = OmegaConf.structured(DataConfig(name="bench", format="kinetics", root=str(root), annotation_prefix="bench",
+                                          num_classes=2, num_workers=workers, batch_size=batch_size, **knobs))
     loader = build_loader(cfg, split, **setting, seed=0)
     iterator = loader.dataset.create_tuple_iterator(num_epochs=-1, output_numpy=True)
 

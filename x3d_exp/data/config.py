@@ -27,8 +27,9 @@ class SyntheticConfig:
 @dataclass
 class DataConfig:
     name: str = "synthetic"
-    # kinetics (official CSV or the PySlowFast `path label` lists) | ucf101 | hmdb51 | ssv2 | folder (docs/data.md)
-    format: str = "kinetics"
+    # The layout read (x3d_exp.data.datasets): kinetics (official CSV or the PySlowFast `path label` lists) | ucf101 |
+    # hmdb51 | ssv2 | folder | synthetic (generated, read as kinetics) (docs/data.md)
+    format: str = "synthetic"
     root: Optional[str] = None
     # Prefix of the official Kinetics CSVs: kinetics-400_{train,val,test}.csv
     annotation_prefix: str = "kinetics-400"
@@ -42,6 +43,9 @@ class DataConfig:
     split_fractions: List[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     splits_dir: Optional[str] = None
     split: int = 1
+    # The annotation the test split reads: test, or val (what the X3D paper and the Kinetics results report). A copy
+    # without a test annotation tests on val with one warning.
+    test_split: str = "test"
     batch_size: int = 8
     eval_batch_size: Optional[int] = None
     # "auto": one decoding process per core, at most 8; a number above the cores is clamped (x3d_exp.data.loader).

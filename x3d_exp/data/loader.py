@@ -26,11 +26,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import mindspore.dataset as ds
 import numpy as np
 
-from x3d_exp.data.annotations import VideoList, load_split
+from x3d_exp.data.datasets import VideoList, dataset_layout, load_split
 from x3d_exp.data.badlog import BadVideoLog
 from x3d_exp.data.config import valid_num_workers
 from x3d_exp.data.transforms import normalise, test_crops, train_crop, view_crop
-from x3d_exp.data.synthetic import SYNTHETIC_GROUPS, ensure_synthetic
 from x3d_exp.data.video import BadVideo, probe_size, read_clips, resize_frames, short_side_size
 from x3d_exp.errors import DataError
 
@@ -299,12 +298,8 @@ class Loader:
 
 
 def resolve_root(data_cfg, min_size: int = 0) -> Path:
-    """The dataset folder; the synthetic set is generated here, with a short side of at least `min_size`."""
-    if data_cfg.name in SYNTHETIC_GROUPS:
-        return ensure_synthetic(data_cfg, min_size)
-    if not data_cfg.root:
-        raise DataError(f"data.root is not set: point it at your {data_cfg.name} copy (data.root=/path)")
-    return Path(str(data_cfg.root)).expanduser()
+    """The dataset folder; a generated layout (synthetic) makes its videos here, at a short side >= `min_size`."""
+    return dataset_layout(data_cfg).root(data_cfg, min_size)
 
 
 def resolve_num_classes(data_cfg) -> int:

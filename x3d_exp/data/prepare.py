@@ -23,15 +23,14 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import av
 
+from x3d_exp.data.datasets import is_video
 from x3d_exp.data.video import BadVideo, _first_line, probe_size, short_side_size
 from x3d_exp.errors import DataError
 
-VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".avi", ".mkv", ".webm", ".mov", ".mpg", ".mpeg", ".flv", ".wmv",
-                              ".3gp", ".ogv"})
 # The muxer for an extension whose usual container can hold H.264; the others (webm, mpeg, wmv, ogv) get a
 # Matroska container under their own name, which ffmpeg and decord recognise by content.
 MUXERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".avi": "avi", ".flv": "flv",
-          ".3gp": "3gp"}
+          ".3gp": "3gp", ".ts": "mpegts"}
 # A half-written output's name: hidden, next to the final one, never mistaken for a video of the dataset.
 PARTIAL = ".partial-"
 
@@ -66,10 +65,6 @@ def walk_files(root: Path) -> Iterator[Path]:
         for name in sorted(files):
             if not name.startswith(PARTIAL):
                 yield (Path(folder) / name).relative_to(root)
-
-
-def is_video(path: Path) -> bool:
-    return path.suffix.lower() in VIDEO_EXTENSIONS
 
 
 def even_size(height: int, width: int, short_side: int) -> Tuple[int, int]:

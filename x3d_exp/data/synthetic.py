@@ -28,8 +28,6 @@ CLASSES = ("moving_down", "moving_sideways", "moving_up", "standing_still")
 # Unit (dy, dx) per class; sideways picks its sign per video.
 _DIRECTIONS = {"moving_down": (1, 0), "moving_sideways": (0, 1), "moving_up": (-1, 0), "standing_still": (0, 0)}
 MANIFEST = "synthetic.json"
-# The data groups whose videos this module generates (conf/data/synthetic*.yaml).
-SYNTHETIC_GROUPS = ("synthetic", "synthetic_hard")
 # Bump when the rendering or encoding changes, so cached copies are regenerated.
 GENERATOR_VERSION = 4
 PREFIX = "synthetic"

@@ -33,8 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from x3d_exp.config import JobContext, input_sizes
 from x3d_exp.data import load_video_views
-from x3d_exp.data.annotations import SPLITS, load_split
-from x3d_exp.data.synthetic import MANIFEST, SYNTHETIC_GROUPS
+from x3d_exp.data.datasets import SPLITS, dataset_layout, load_split
 from x3d_exp.engine.build import build_network, setup_context
 from x3d_exp.engine.evaluate import softmax
 from x3d_exp.errors import DataError, UserError, WeightsError
@@ -69,10 +68,11 @@ def dataset_labels(data: DictConfig, num_classes: int) -> Tuple[Optional[List[st
     """
     if OmegaConf.is_missing(data, "root") or not data.root:
         return None, f"data.root is not set for data={data.name}"
-    root = Path(str(data.root)).expanduser()
-    # The synthetic groups' data.root holds one generated set per clip size: any of them names the classes.
-    roots = [root, *sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))] if data.name in SYNTHETIC_GROUPS else [root]
     reasons = []
+    try:
+        roots = dataset_layout(data).annotation_roots(Path(str(data.root)).expanduser())
+    except DataError as err:
+        return None, str(err)
     for split in SPLITS:
         for folder in roots:
             try:
