@@ -254,11 +254,11 @@ def test_a_server_stopped_mid_run_for_longer_than_the_client_retries_loses_nothi
     work = tmp_path
     uri = store_uri(work)
     with server(uri, work) as srv:
-        proc = train(work, cache, srv.url, "trainer.epochs=3")
+        proc = train(work, cache, srv.url, "trainer.epochs=3", "mlflow.drain_timeout=600")
         wait_for_steps(proc, work / "run", 3)
         srv.stop()
         down = time.time()
-        # The client's own budget is 1 retry (x3d_exp.env); MLflow's default is 7 retries, minutes.
+        # The client's own budget is no retry (x3d_exp.env); MLflow's default is 7 retries, minutes.
         wait_for_steps(proc, work / "run", 6)
         time.sleep(max(0.0, 20 - (time.time() - down)))
         up = time.time()

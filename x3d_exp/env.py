@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 DEFAULT_ONEDNN_ISA = "AVX2"
-MLFLOW_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+MLFLOW_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 ADOPTED_RUN_ENV = "X3D_EXP_MLFLOW_SPOOL"
 
 
@@ -35,8 +35,9 @@ def _interrupt(signum, frame):
 
 
 def configure_environment() -> None:
-    """Cap oneDNN at AVX2 (unless already set) and quieten MindSpore's C++ logging. Runs on `import x3d_exp`, so a
-    library user gets the same fast convolutions as run.py; says once, with the fix, when MindSpore came first."""
+    """Cap oneDNN at AVX2, quieten MindSpore's C++ logging and cap MLflow's HTTP retries (each unless already set).
+    Runs on `import x3d_exp`, so a library user gets the same fast convolutions as run.py; says once, with the fix,
+    when MindSpore came first."""
     if "ONEDNN_MAX_CPU_ISA" not in os.environ and "mindspore" in sys.modules:
         warnings.warn("mindspore was imported before x3d_exp: if it has already run a convolution, oneDNN ignores "
                       f"ONEDNN_MAX_CPU_ISA={DEFAULT_ONEDNN_ISA} and X3D's convolutions can run ~100x slower; import "

@@ -181,7 +181,8 @@ class Sender:
         self.spool = spool
         self.lock = DeliveryLock(spool)
         self.delivery = Delivery(spool, tracking_uri, id_file, on_run)
-        self._wake = threading.Event()
+        self._wake = threading.Event()  # new records: deliver now rather than at the next poll
+        self._retry = threading.Event()  # the end of the job: retry now rather than after the backoff
         self._stop = threading.Event()
         self._draining = False
         self._thread: Optional[threading.Thread] = None
@@ -214,8 +215,9 @@ class Sender:
                     log.warning("MLflow store %s unreachable (%s): records are spooled in %s and sent when it "
                                 "answers", self.delivery.tracking_uri, first_line(err), self.spool.path)
                 self.last_error = first_line(err)
-                self._wake.wait(min(backoff, 2.0) if self._draining else backoff)
-                self._wake.clear()
+                # New records do not cut the backoff short: each would cost a request to a store that is away.
+                self._retry.wait(min(backoff, 2.0) if self._draining else backoff)
+                self._retry.clear()
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
             if self.last_error is not None:
@@ -235,9 +237,10 @@ class Sender:
         if self._thread is None:
             return self.pending()
         self._draining = True
+        self._retry.set()
+        self._wake.set()
         deadline = time.monotonic() + timeout
         while (left := self.pending()) and time.monotonic() < deadline:
-            self._wake.set()
             time.sleep(0.05)
         return left
 
@@ -245,6 +248,7 @@ class Sender:
         """Stop delivering. A request in flight is left to finish or die with the process; the lock stays held
         until then, so no other process delivers the same record meanwhile."""
         self._stop.set()
+        self._retry.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=2)

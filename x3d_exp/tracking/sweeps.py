@@ -65,8 +65,8 @@ STEP_TAG, AXIS_TAG = "sweep.step", "sweep.axis"
 TRACKED_TASKS = ("train", "test")
 
 
-# How long a sweep or a job waits for its run to be created when it starts: the search reads the parent's id, a
-# job's result names its run. Longer only while the server is away.
+# How long a sweep job waits for its child run to be created when it starts, so that its result names the run.
+# Only while the server is away does it wait this long.
 START_WAIT_S = 5.0
 
 
@@ -254,7 +254,9 @@ class MlflowSweepCallback(Callback):
             self.base_params = {k: str(v) for k, v in flatten(base).items()}
             spool.append("log_params", params=self.base_params)
         self.sender.notify()
-        if self.sender.drain(START_WAIT_S) == 0:
+        # Before any job: a new sqlite store is migrated here once, not by parallel jobs racing each other, and a
+        # resumed search reads the parent's id. A server away at the start holds the sweep up to the drain timeout.
+        if self.sender.drain(self.drain_timeout) == 0:
             log.info("MLflow parent run %s for the sweep in %s", self.sender.run_id, self.sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
