@@ -176,6 +176,30 @@ def test_a_resume_skips_the_steps_the_killed_job_spooled_even_undelivered(tmp_pa
     assert [r.op for r in spool.read()[0]].count("create_run") == 1
 
 
+def test_a_sweep_job_gets_its_child_run_as_a_value_and_its_user_error_is_recorded(tmp_path, uri):
+    from x3d_exp.errors import ConfigError
+    from x3d_exp.tracking.sweeps import run_job
+
+    cfg = tracker_config(tmp_path, uri)
+    sweep = tmp_path / "sweep"
+    parent = Spool.in_dir(sweep)
+    spool_run(parent, uri, "x3d-exp", "the sweep", {})
+    parent.append("log_params", params={"model.gamma_d": "2.2"})
+    parent_id = deliver_all(parent, uri).run_id
+    seen = []
+
+    def task(composed, job):
+        seen.append(job.adopted_run)
+        raise ConfigError("model.gamma_d=-1.0: must be > 0")
+
+    outcome = run_job(task, cfg, JobContext(output_dir=sweep / "0", multirun=True, job_num=0, sweep_dir=sweep))
+    assert seen == [sweep / "0" / "mlflow_spool.jsonl"]
+    assert outcome["status"] == "FAILED" and outcome["error"] == "ConfigError: model.gamma_d=-1.0: must be > 0"
+    run = MlflowClient(uri).get_run(outcome["run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["mlflow.parentRunId"] == parent_id
+    assert run.data.tags["error"] == outcome["error"]
+
+
 # --- a real mlflow server, stopped and restarted under a real training job -------------------------------------
 
 class Server:

@@ -24,7 +24,7 @@ from x3d_exp.config import JobContext
 from x3d_exp.env import under_msrun
 from x3d_exp.errors import Interrupted
 from x3d_exp.tracking.delivery import Sender, finish_delivery
-from x3d_exp.tracking.runs import RUN_ID_FILE, owner_tags, spool_new_run
+from x3d_exp.tracking.runs import RUN_ID_FILE, display_uri, owner_tags, spool_new_run
 from x3d_exp.tracking.spool import Spool
 
 __all__ = ["Tracker"]
@@ -74,7 +74,8 @@ class Tracker:
             self.sender.start()
             if self.resume and self.spool.creates_run():
                 # A resumed run continues its own MLflow run: same params, one continuous step axis.
-                self.record("reopen_run", tags={**owner_tags(), "resumed": "true"}, tracking_uri=self.tracking_uri)
+                self.record("reopen_run", tags={**owner_tags(), "resumed": "true"},
+                            tracking_uri=display_uri(self.tracking_uri))
             else:
                 spool_new_run(self.spool, self.cfg, self.run_dir, self.job)
         if self.run_id:

@@ -28,7 +28,8 @@ from typing import Callable, List, Optional
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from x3d_exp.tracking.runs import RUN_ID_FILE, close_orphaned_runs, view_command  # runs registers the built-in ops
+from x3d_exp.tracking.runs import (RUN_ID_FILE, close_orphaned_runs, display_uri,  # runs registers the ops
+                                   view_command)
 from x3d_exp.tracking.spool import OPS, NotYet, Record, Spool, _warn, write_atomic_text
 
 log = logging.getLogger("x3d_exp.tracking.delivery")
@@ -61,8 +62,9 @@ class Delivery:
     def __init__(self, spool: Spool, tracking_uri: str, id_file: Optional[Path] = None,
                  on_run: Optional[Callable[[str], None]] = None):
         self.spool = spool
-        self.tracking_uri = tracking_uri
-        self.client = MlflowClient(tracking_uri)
+        # One spelling per store (a relative sqlite path made absolute), so its delivery state is found again.
+        self.tracking_uri = display_uri(tracking_uri)
+        self.client = MlflowClient(self.tracking_uri)
         self.id_file = id_file
         self.on_run = on_run
         state = spool.load_state(tracking_uri)
@@ -70,6 +72,9 @@ class Delivery:
         self.run_id: Optional[str] = state.get("run_id")
         # A delivery that died may have applied the record after the offset without saving the offset.
         self.uncertain = True
+        # The spool is replayed into a run that already has metrics (the same store under another spelling of its
+        # URI, say): every metric batch is checked against the store, not just the first.
+        self.replaying = False
         self._reported: set = set()
 
     def pending(self) -> List[Record]:
@@ -114,6 +119,7 @@ class Delivery:
             raise KeyError(f"no spool op {op!r} registered in this process")
         if op == "create_run":
             self.run_id = OPS[op](self.client, self.run_id, **batch[0].args)
+            self.replaying = bool(self.client.get_run(self.run_id).data.metrics)
             if self.id_file is not None:
                 write_atomic_text(self.id_file, self.run_id)
             if self.on_run is not None:
@@ -122,7 +128,7 @@ class Delivery:
             raise ValueError("the spool logs into a run it never created")
         elif op == "log_metrics":
             metrics = [m for record in batch for m in record.args["metrics"]]
-            if self.uncertain:
+            if self.uncertain or self.replaying:
                 metrics = self._not_delivered(metrics)
             if metrics:
                 OPS[op](self.client, self.run_id, metrics=metrics)

@@ -166,7 +166,7 @@ def spool_run(spool: Spool, tracking_uri: str, experiment: str, name: str, tags:
     an id."""
     key = uuid.uuid4().hex
     spool.append("create_run", key=key, experiment=experiment, name=name, tags={**tags, **owner_tags()},
-                 parent_key=parent_key, tracking_uri=tracking_uri)
+                 parent_key=parent_key, tracking_uri=display_uri(tracking_uri))
     return key
 
 

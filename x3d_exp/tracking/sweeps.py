@@ -49,7 +49,8 @@ from x3d_exp.config import FACTORS, JobContext, flatten
 from x3d_exp.errors import Interrupted, UserError
 from x3d_exp.tracking.delivery import Sender, finish_delivery, first_line, sync_command
 from x3d_exp.tracking.plots import plot_top1_vs_gmacs
-from x3d_exp.tracking.runs import RUN_ID_FILE, git_commit, owner_tags, spool_new_run, spool_run, view_command
+from x3d_exp.tracking.runs import (RUN_ID_FILE, display_uri, git_commit, owner_tags, spool_new_run, spool_run,
+                                   view_command)
 from x3d_exp.tracking.spool import Spool, register_op
 
 log = logging.getLogger("x3d_exp.tracking.sweeps")
@@ -238,7 +239,8 @@ class MlflowSweepCallback(Callback):
         if OmegaConf.select(base, "sweep.resumable", default=False) and spool.creates_run():
             # A resumable sweep run again in its own sweep dir continues its parent run; its children that did not
             # finish (killed, or failed) are deleted: the sweeper trains them again.
-            spool.append("reopen_run", tags={**owner_tags(), "resumed": "true"}, tracking_uri=self.tracking_uri)
+            spool.append("reopen_run", tags={**owner_tags(), "resumed": "true"},
+                         tracking_uri=display_uri(self.tracking_uri))
             spool.append("delete_unfinished_children")
             self.base_params = base_params(self.sweep_dir)
             log.info("MLflow parent run continued for the sweep in %s", self.sweep_dir)
