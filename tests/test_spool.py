@@ -278,12 +278,12 @@ def test_a_server_stopped_mid_run_for_longer_than_the_client_retries_loses_nothi
     work = tmp_path
     uri = store_uri(work)
     with server(uri, work) as srv:
-        proc = train(work, cache, srv.url, "trainer.epochs=3", "mlflow.drain_timeout=600")
-        wait_for_steps(proc, work / "run", 3)
+        proc = train(work, cache, srv.url, "trainer.epochs=4", "mlflow.drain_timeout=600")
+        wait_for_steps(proc, work / "run", 7)
         srv.stop()
         down = time.time()
         # The client's own budget is no retry (x3d_exp.env); MLflow's default is 7 retries, minutes.
-        wait_for_steps(proc, work / "run", 6)
+        wait_for_steps(proc, work / "run", 10)
         time.sleep(max(0.0, 20 - (time.time() - down)))
         up = time.time()
         srv.start()
@@ -292,7 +292,7 @@ def test_a_server_stopped_mid_run_for_longer_than_the_client_retries_loses_nothi
     (run,) = runs_of(uri)
     assert run.info.status == "FINISHED"
     steps = [s for s, _, _ in spooled_steps(work / "run")]
-    assert sorted(steps) == list(range(1, 13))  # 16 videos / batch 4 = 4 steps per epoch, 3 epochs
+    assert sorted(steps) == list(range(1, 17))  # 16 videos / batch 4 = 4 steps per epoch, 4 epochs
     for key in ("train/loss", "train/lr", "val/top1"):
         got = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, key)]
         assert len(got) == len(set(got)), f"{key}: a step delivered twice: {got}"

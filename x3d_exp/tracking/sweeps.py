@@ -100,15 +100,17 @@ def run_job(task: Callable[[DictConfig, JobContext], Any], cfg: DictConfig, cont
                       name=cfg.mlflow.run_name or f"{job}: {changed or '(base)'}"[:250], parent_key=parent_key)
         context = dataclasses.replace(context, adopted_run=spool.path)
         sender.drain(START_WAIT_S)
-    outcome = {"status": "FINISHED", "job": job}
+    outcome = {"status": "FINISHED", "run_id": None, "job": job}
     interrupted = None
     try:
         outcome.update(task(cfg, context) or {})
     except UserError as err:
         outcome.update(status="FAILED", error=f"{type(err).__name__}: {_first_line(str(err))}")
-    except (KeyboardInterrupt, Interrupted) as err:
-        outcome.update(status="KILLED" if isinstance(err, Interrupted) else "FAILED",
-                       error=f"{type(err).__name__}: {err}")
+    except Interrupted as err:
+        outcome.update(status="KILLED", error=str(err))
+        interrupted = err
+    except KeyboardInterrupt as err:
+        outcome.update(status="FAILED", error=f"KeyboardInterrupt: {err}")
         interrupted = err
     except Exception as err:  # noqa: BLE001 - one job's failure is recorded; the sweep goes on
         outcome.update(status="FAILED", error=f"{type(err).__name__}: {_first_line(str(err))}")
