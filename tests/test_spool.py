@@ -327,14 +327,15 @@ def test_a_server_that_never_returns_costs_one_warning_and_sync_to_a_new_server_
         again = run_cli(["task=sync", f"sync.path={work}", f"mlflow.tracking_uri={new.url}",
                          f"hydra.run.dir={work / 'sync2'}"], cwd=work, cache=cache)
         assert again.returncode == 0 and final_json(again.stdout)["delivered"] == 0, again.stderr[-3000:]
-    (run,) = runs_of(store_uri(fresh))
+        (run,) = runs_of(new.url)
+        client = MlflowClient(new.url)  # artifacts are served by the server only
+        assert {"model_summary.txt", "per_class_accuracy.json"} <= {a.path for a in client.list_artifacts(
+            run.info.run_id)}
     assert run.info.status == "FINISHED"
     client = MlflowClient(store_uri(fresh))
     for key in ("train/loss", "train/clips_per_s", "val/top1", "test/top1"):
         spooled = [(s, v) for s, v, _ in spooled_steps(work / "run", key)]
         assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)] == spooled, key
-    assert {"model_summary.txt", "per_class_accuracy.json"} <= {a.path for a in client.list_artifacts(
-        run.info.run_id)}
 
 
 @pytest.mark.slow
