@@ -53,6 +53,7 @@ class Tracker:
         self.sender: Optional[Sender] = None
         self._monitor = None
         self._monitor_lock = threading.Lock()
+        self._closed = False
         # On a resume, each metric's last step the killed process spooled: the replayed steps are not logged again.
         self._logged_up_to: dict = {}
 
@@ -88,7 +89,7 @@ class Tracker:
         if not self.cfg.mlflow.get("system_metrics") or under_msrun():
             return
         with self._monitor_lock:
-            if self._monitor is not None:
+            if self._monitor is not None or self._closed:
                 return
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -100,6 +101,7 @@ class Tracker:
         if not self.active:
             return False
         with self._monitor_lock:
+            self._closed = True  # a run the sender creates from now on gets no sampler
             if self._monitor is not None:
                 self._monitor.finish()
         if exc_type is not None and issubclass(exc_type, Interrupted):
