@@ -222,6 +222,11 @@ class MlflowSweepCallback(Callback):
         self.allow_failed_jobs = False
         self.started = 0.0
 
+    def __getstate__(self) -> dict:
+        # Hydra's joblib launcher pickles the callbacks into its worker processes, which never close the sweep: the
+        # sender (a thread and a lock) stays in this process.
+        return {**self.__dict__, "sender": None}
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.time()
         base = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
