@@ -7,31 +7,23 @@ The fast tests deliver to a real sqlite store in process; the slow ones train th
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.cli_helpers import REPO, SHALLOW, TINY, cli_env, compose_config, final_json, run_cli, runs_of, store_uri
+from tests.cli_helpers import (REPO, SHALLOW, TINY, MlflowServer, cli_env, compose_config, final_json, free_port,
+                               run_cli, running, runs_of, store_uri)
 from x3d_exp.config import JobContext
 from x3d_exp.errors import Interrupted
 from x3d_exp.tracking import Tracker
 from x3d_exp.tracking.delivery import Delivery, sync
 from x3d_exp.tracking.runs import spool_run
 from x3d_exp.tracking.spool import OPS, Spool, register_op
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def deliver_all(spool: Spool, uri: str) -> Delivery:
@@ -202,48 +194,6 @@ def test_a_sweep_job_gets_its_child_run_as_a_value_and_its_user_error_is_recorde
 
 # --- a real mlflow server, stopped and restarted under a real training job -------------------------------------
 
-class Server:
-    """`mlflow server` over one sqlite store on one fixed port, which can be killed and started again."""
-
-    def __init__(self, uri: str, cwd: Path, port: int):
-        self.uri, self.cwd, self.port = uri, cwd, port
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc = None
-
-    def start(self):
-        import urllib.request
-
-        self.proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.uri,
-                                      "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-                                     cwd=self.cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
-        deadline = time.time() + 180
-        while True:
-            assert self.proc.poll() is None, "mlflow server exited"
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
-                    return self
-            except OSError:
-                assert time.time() < deadline, "mlflow server did not come up"
-                time.sleep(0.5)
-
-    def stop(self):
-        """The whole server process group at once, as a crash or a pulled cable would."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-        self.proc = None
-
-
-@contextmanager
-def server(uri: str, cwd: Path, port: int = 0):
-    srv = Server(uri, cwd, port or free_port()).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
 def train(work: Path, cache: Path, url: str, *extra: str) -> subprocess.Popen:
     args = [*TINY, *SHALLOW, f"hydra.run.dir={work / 'run'}", f"mlflow.tracking_uri={url}", *extra]
     return subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=work, env=cli_env(cache),
@@ -277,7 +227,7 @@ def step_seconds(run_dir: Path, start: float, end: float) -> tuple:
 def test_a_server_stopped_mid_run_for_longer_than_the_client_retries_loses_nothing(tmp_path, cache):
     work = tmp_path
     uri = store_uri(work)
-    with server(uri, work) as srv:
+    with running(MlflowServer(uri, work)) as srv:
         proc = train(work, cache, srv.url, "trainer.epochs=4", "mlflow.drain_timeout=600")
         wait_for_steps(proc, work / "run", 7)
         srv.stop()
@@ -308,7 +258,7 @@ def test_a_server_stopped_mid_run_for_longer_than_the_client_retries_loses_nothi
 def test_a_server_that_never_returns_costs_one_warning_and_sync_to_a_new_server_delivers_everything(tmp_path,
                                                                                                  cache):
     work = tmp_path
-    with server(store_uri(work), work) as srv:
+    with running(MlflowServer(store_uri(work), work)) as srv:
         proc = train(work, cache, srv.url, "trainer.epochs=2", "mlflow.drain_timeout=3")
         wait_for_steps(proc, work / "run", 2)
         srv.stop()
@@ -320,7 +270,7 @@ def test_a_server_that_never_returns_costs_one_warning_and_sync_to_a_new_server_
     assert command == f"python run.py task=sync sync.path={(work / 'run').resolve()}"
     fresh = work / "fresh"
     fresh.mkdir()
-    with server(store_uri(fresh), fresh) as new:
+    with running(MlflowServer(store_uri(fresh), fresh)) as new:
         done = run_cli(["task=sync", f"sync.path={work / 'run'}", f"mlflow.tracking_uri={new.url}",
                         f"hydra.run.dir={work / 'sync'}"], cwd=work, cache=cache)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -342,8 +292,7 @@ def test_a_server_that_never_returns_costs_one_warning_and_sync_to_a_new_server_
 def test_a_job_killed_during_an_outage_is_delivered_by_its_resume(tmp_path, cache):
     work = tmp_path
     uri = store_uri(work)
-    port = free_port()
-    with server(uri, work, port) as srv:
+    with running(MlflowServer(uri, work)) as srv:
         proc = train(work, cache, srv.url, "trainer.epochs=2")
         wait_for_steps(proc, work / "run", 2)
         srv.stop()
