@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -95,27 +96,56 @@ def compose_config(*overrides: str, return_hydra_config: bool = False):
         return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
-@contextmanager
-def mlflow_server(uri: str, cwd: Path):
-    """A real `mlflow server` on a free loopback port over the store `uri`; yields its base URL once it answers."""
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
+        return sock.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` over the store `uri` on one loopback port, which can be killed and started again on
+    the same port (a restart, a maintenance window). Its output goes to `mlflow_server.log` in `cwd`."""
+
+    def __init__(self, uri: str, cwd: Path, port: int = 0):
+        self.uri, self.cwd, self.port = uri, Path(cwd), port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> "MlflowServer":
+        log = open(self.cwd / "mlflow_server.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.uri,
+                                      "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+                                     cwd=self.cwd, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        deadline = time.time() + 180
         while True:
-            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            assert self.proc.poll() is None, (self.cwd / "mlflow_server.log").read_text()[-3000:]
             try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2):
-                    break
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                    return self
             except OSError:
                 assert time.time() < deadline, "mlflow server did not come up"
                 time.sleep(0.5)
-        yield base
+
+    def stop(self) -> None:
+        """The server and its workers at once (its own process group), as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+@contextmanager
+def mlflow_server(uri: str, cwd: Path, port: int = 0):
+    """A real `mlflow server` on a free loopback port over the store `uri`; yields its base URL once it answers."""
+    with running(MlflowServer(uri, cwd, port)) as server:
+        yield server.url
+
+
+@contextmanager
+def running(server: MlflowServer):
+    """The server started, and stopped at the end whatever happened."""
+    try:
+        yield server.start()
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()

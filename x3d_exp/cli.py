@@ -2,8 +2,9 @@
 
 run.py calls `check_overrides` (a bad override exits with one line before Hydra prints its own 5-15), then
 Hydra calls `main` once per job. `main` reads the job's HydraConfig into a `JobContext` that everything below
-receives as plain values, runs the task (inside msrun when the world size is above 1) and, in a multirun, as a
-child MLflow run of the sweep (x3d_exp.tracking.sweeps).
+receives as plain values and runs the task (inside msrun when the world size is above 1). A single job's user
+error becomes one `error:` line and exit status 2 here; a multirun job runs as a child MLflow run of the sweep
+(x3d_exp.tracking.sweeps), which records a failure and goes on with the other jobs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from omegaconf import DictConfig
 
 from x3d_exp.config import JobContext, validate
 from x3d_exp.data import resolve_num_classes
-from x3d_exp.env import under_msrun
+from x3d_exp.env import adopted_run, under_msrun
 from x3d_exp.errors import UserError
 from x3d_exp.tasks import DISTRIBUTED_TASKS, task_function
 
@@ -28,7 +29,7 @@ def job_context() -> JobContext:
     from hydra.types import RunMode
 
     if not HydraConfig.initialized():
-        return JobContext()
+        return JobContext(adopted_run=adopted_run())
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     return JobContext(output_dir=Path(hydra_cfg.runtime.output_dir),
@@ -39,38 +40,41 @@ def job_context() -> JobContext:
                                         if source.provider == "command-line"),
                       multirun=multirun,
                       job_num=int(hydra_cfg.job.num) if multirun else 0,
-                      sweep_dir=Path(hydra_cfg.sweep.dir) if multirun else None)
+                      sweep_dir=Path(hydra_cfg.sweep.dir) if multirun else None,
+                      adopted_run=adopted_run())
 
 
-def run_task(cfg: DictConfig, job: JobContext):
+def run_task(cfg: DictConfig, job: JobContext) -> dict:
     """Validate, derive a null `data.num_classes` from the data, run `cfg.task` and print its result as the last stdout
-    line; a user error exits 2 with one line."""
-    try:
-        validate(cfg)
-        if cfg.data.num_classes is None:
-            # The network's head, the metrics and the MLflow params all read data.num_classes: fixed here, once.
-            cfg.data.num_classes = resolve_num_classes(cfg.data)
-        world_size = int(cfg.launcher.nproc) * int(cfg.launcher.nnodes)
-        if cfg.task in DISTRIBUTED_TASKS and world_size > 1 and not under_msrun():
-            from x3d_exp.distributed import msrun
+    line. Raises UserError."""
+    validate(cfg)
+    if cfg.data.num_classes is None:
+        # The network's head, the metrics and the MLflow params all read data.num_classes: fixed here, once.
+        cfg.data.num_classes = resolve_num_classes(cfg.data)
+    world_size = int(cfg.launcher.nproc) * int(cfg.launcher.nnodes)
+    if cfg.task in DISTRIBUTED_TASKS and world_size > 1 and not under_msrun():
+        from x3d_exp.distributed import msrun
 
-            result = msrun.launch(cfg, job)
-        else:
-            result = task_function(cfg.task)(cfg, job)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        result = msrun.launch(cfg, job)
+    else:
+        result = task_function(cfg.task)(cfg, job)
     print(json.dumps(result), flush=True)
     return result
 
 
 def main(cfg: DictConfig):
-    """Hydra's task function (run.py): one job. Returns its result, or with `sweep.optimized_metric` set (an
-    Optuna sweep, say) that value of the result as the objective, NaN when the job failed."""
+    """Hydra's task function (run.py): one job. Returns its result; in a multirun with `sweep.optimized_metric` set
+    (an Optuna sweep, say), that value of the result as the objective, NaN when the job failed."""
+    job = job_context()
+    if not job.multirun:
+        try:
+            return run_task(cfg, job)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
     from x3d_exp.tracking.sweeps import run_job
 
-    job = job_context()
-    outcome = run_job(lambda composed: run_task(composed, job), cfg, job)
+    outcome = run_job(run_task, cfg, job)
     metric = cfg.sweep.get("optimized_metric")
     if not metric:
         return outcome

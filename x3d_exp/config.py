@@ -105,6 +105,8 @@ class MlflowConfig:
     # MLflow's own CPU, memory, disk, network (and GPU where present) sampling, as system/* metrics.
     system_metrics: bool = False
     system_metrics_interval: float = 10.0
+    # At the end of a job, how long to wait for the spool to reach an unreachable tracking server (docs/tracking.md).
+    drain_timeout: float = 60.0
 
 
 @dataclass
@@ -128,9 +130,10 @@ class Config:
     export: Any = field(default_factory=dict)
     prepare: Any = field(default_factory=dict)
     sweep: Any = field(default_factory=dict)
+    sync: Any = field(default_factory=dict)
 
 
-TASKS = ("train", "test", "summary", "convert", "infer", "export", "prepare")
+TASKS = ("train", "test", "summary", "convert", "infer", "export", "prepare", "sync")
 DEVICES = ("auto", "CPU", "GPU", "Ascend")
 AMP_LEVELS = ("O0", "O1", "O2", "O3", "auto")
 
@@ -148,6 +151,9 @@ class JobContext:
     multirun: bool = False
     job_num: int = 0
     sweep_dir: Optional[Path] = None
+    # The spool of the MLflow run an outer process opened for this job (the sweep job wrapper, the msrun
+    # launcher); the job's Tracker logs into that run instead of creating its own.
+    adopted_run: Optional[Path] = None
 
 
 def register_configs() -> None:
@@ -186,6 +192,7 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.model.cpu_kernels in ("auto", "native", "custom"), "model.cpu_kernels",
              "must be auto, native or custom", cfg.model.cpu_kernels)
     _require(cfg.optim.lr > 0, "optim.lr", "must be > 0", cfg.optim.lr)
+    _require(cfg.mlflow.drain_timeout >= 0, "mlflow.drain_timeout", "must be >= 0 (seconds)", cfg.mlflow.drain_timeout)
     _require(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0", cfg.optim.weight_decay)
     _require(cfg.optim.clip_grad_norm is None or cfg.optim.clip_grad_norm > 0, "optim.clip_grad_norm",
              "must be > 0 (or null: no clipping)", cfg.optim.clip_grad_norm)

@@ -9,6 +9,13 @@ enough. A value the user exported wins.
 `OMP_WAIT_POLICY` is left alone: our C++ kernels (x3d_exp.kernels) use their own sleeping thread pool instead of
 OpenMP, whose spinning workers starved MindSpore's thread pool unless the variable was exported before Python
 started.
+
+MLflow's HTTP client retries a request 7 times with backoff by default, minutes on one call; the spool's sender
+(x3d_exp.tracking.delivery) retries without end itself, so its requests are capped (MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+MLFLOW_HTTP_REQUEST_TIMEOUT), unless the user exported them.
+
+`ADOPTED_RUN_ENV` carries, across msrun's process boundary only, the spool of the MLflow run the launcher opened
+for rank 0; the CLI reads it once into its JobContext (`adopted_run`).
 """
 
 import os
@@ -16,8 +23,11 @@ import signal
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 
 DEFAULT_ONEDNN_ISA = "AVX2"
+MLFLOW_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+ADOPTED_RUN_ENV = "X3D_EXP_MLFLOW_SPOOL"
 
 
 def _interrupt(signum, frame):
@@ -25,8 +35,9 @@ def _interrupt(signum, frame):
 
 
 def configure_environment() -> None:
-    """Cap oneDNN at AVX2 (unless already set) and quieten MindSpore's C++ logging. Runs on `import x3d_exp`, so a
-    library user gets the same fast convolutions as run.py; says once, with the fix, when MindSpore came first."""
+    """Cap oneDNN at AVX2, quieten MindSpore's C++ logging and cap MLflow's HTTP retries (each unless already set).
+    Runs on `import x3d_exp`, so a library user gets the same fast convolutions as run.py; says once, with the fix,
+    when MindSpore came first."""
     if "ONEDNN_MAX_CPU_ISA" not in os.environ and "mindspore" in sys.modules:
         warnings.warn("mindspore was imported before x3d_exp: if it has already run a convolution, oneDNN ignores "
                       f"ONEDNN_MAX_CPU_ISA={DEFAULT_ONEDNN_ISA} and X3D's convolutions can run ~100x slower; import "
@@ -35,6 +46,8 @@ def configure_environment() -> None:
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", DEFAULT_ONEDNN_ISA)
     # MindSpore's C++ logging otherwise floods stderr with warnings on every run.
     os.environ.setdefault("GLOG_v", "3")
+    for name, value in MLFLOW_HTTP_LIMITS.items():
+        os.environ.setdefault(name, value)
 
 
 def prepare_process() -> None:
@@ -58,3 +71,9 @@ def cache_root() -> Path:
 def under_msrun() -> bool:
     """True in the processes msrun starts (its ranks and its scheduler)."""
     return os.environ.get("MS_ROLE") in ("MS_WORKER", "MS_SCHED")
+
+
+def adopted_run() -> Optional[Path]:
+    """In an msrun rank: the spool of the MLflow run its launcher opened (None elsewhere)."""
+    value = os.environ.get(ADOPTED_RUN_ENV)
+    return Path(value) if value and under_msrun() else None

@@ -1,7 +1,8 @@
 """`launcher=distributed_cpu|distributed_gpu`: run.py starts itself again under MindSpore's msrun.
 
-The process the user started (the launcher) owns the MLflow run and the exit status: it creates the run, hands its
-id to rank 0 (x3d_exp.tracking.ADOPT_ENV), starts msrun with the same overrides and one pinned `hydra.run.dir`, and
+The process the user started (the launcher) owns the MLflow run and the exit status: it opens the run, hands its
+spool to rank 0 (x3d_exp.env.ADOPTED_RUN_ENV: rank 0 appends its records there and the launcher's sender delivers
+them), starts msrun with the same overrides and one pinned `hydra.run.dir`, and
 closes the run FINISHED only when msrun reports that every rank exited 0. msrun itself kills all ranks as soon as
 one fails; the launcher stops msrun and everything below it shortly after that (msrun would go on waiting for its
 scheduler) and in any case once `launcher.timeout` seconds have passed, so no failure leaves the command hanging.
@@ -28,9 +29,9 @@ from omegaconf import DictConfig
 from x3d_exp.config import JobContext
 from x3d_exp.distributed import RESULT_FILE
 from x3d_exp.engine.checkpoint import resolve_resume
-from x3d_exp.env import under_msrun
+from x3d_exp.env import ADOPTED_RUN_ENV, under_msrun
 from x3d_exp.errors import LaunchError, UserError
-from x3d_exp.tracking import ADOPT_ENV, Tracker
+from x3d_exp.tracking import Tracker
 
 # msrun starts each worker as `python <script> <args>`: the script must be run.py, the only entry point that
 # composes the config. It sits next to the package in the repository (the project is installed editable).
@@ -183,8 +184,8 @@ def launch(cfg: DictConfig, job: JobContext) -> dict:
     with Tracker(cfg, out_dir, job, resume=resume_from is not None, active=main_node) as tracker:
         env = dict(os.environ)
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-        if tracker.run_id:
-            env[ADOPT_ENV] = tracker.run_id
+        if tracker.active:
+            env[ADOPTED_RUN_ENV] = str(tracker.spool.path)
         print(f"launcher={cfg.launcher.name}: {world_size(cfg)} ranks ({cfg.launcher.nproc} on node "
               f"{cfg.launcher.node_rank}), logs in {run_dir / LOG_DIR}", flush=True)
         proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True,
@@ -211,5 +212,5 @@ def launch(cfg: DictConfig, job: JobContext) -> dict:
         if not result_path.is_file():
             raise LaunchError(f"all ranks exited 0 but rank 0 left no {result_path}")
         result = json.loads(result_path.read_text())
-        result["seconds"] = round(time.time() - started, 1)
+        result.update(run_id=tracker.run_id, seconds=round(time.time() - started, 1))
     return result

@@ -2,7 +2,10 @@
 x3d_exp.tracking.sweeps, plots in x3d_exp.tracking.plots).
 
 `Tracker` is the one MLflow run of a train or test job: the flattened config, metrics, artifacts, and never left
-RUNNING. `mlflow.enabled=false`, like ranks other than 0, makes every method a no-op.
+RUNNING. Every record goes through the run dir's spool (x3d_exp.tracking.spool): a logging call appends a line and
+returns in about a millisecond, and the owner's sender thread (x3d_exp.tracking.delivery) delivers it, so the
+tracking store being away never stops or stalls training (docs/tracking.md). `mlflow.enabled=false`, like ranks
+other than 0, makes every method a no-op.
 """
 
 from __future__ import annotations
@@ -10,28 +13,32 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import os
+import threading
 import time
 from pathlib import Path
 from typing import Optional
 
-import mlflow
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from x3d_exp.config import JobContext
 from x3d_exp.env import under_msrun
-from x3d_exp.tracking.runs import (ADOPT_ENV, close_orphaned_runs, create_run, log_params, owner_tags,
-                                   view_command)
+from x3d_exp.errors import Interrupted
+from x3d_exp.tracking.delivery import Sender, finish_delivery
+from x3d_exp.tracking.runs import RUN_ID_FILE, display_uri, owner_tags, spool_new_run
+from x3d_exp.tracking.spool import Spool
 
-__all__ = ["ADOPT_ENV", "Tracker"]
+__all__ = ["Tracker"]
 
 
 class Tracker:
-    """Context manager around an MLflow run; the run ends FAILED on any exception, KeyboardInterrupt included.
+    """Context manager around an MLflow run. It ends KILLED when the job was stopped by a signal (`Interrupted`),
+    FAILED on any other exception (KeyboardInterrupt included), and otherwise FINISHED by its owner.
 
+    `job.adopted_run` (a spool an outer process opened: the sweep job wrapper, the msrun launcher) makes this an
+    adopting tracker: it appends to that spool and leaves creating, delivering and closing the run to the owner.
     `active=False` (ranks other than 0) makes every method a no-op, so the engine needs no rank checks around it.
-    The owner of a run that ends well prints how to view it.
+    At the end the owner waits up to `mlflow.drain_timeout` for the delivery, then prints how to view the run, or
+    one warning line with the command that delivers the rest.
     """
 
     def __init__(self, cfg: DictConfig, run_dir: Path, job: JobContext, resume: bool = False, active: bool = True):
@@ -40,98 +47,113 @@ class Tracker:
         self.job = job
         self.resume = resume
         self.active = active and bool(cfg.mlflow.enabled)
-        self.tracking_uri = cfg.mlflow.tracking_uri
-        self.client = MlflowClient(self.tracking_uri) if self.active else None
-        self.run_id: Optional[str] = None
-        self.owner = True
+        self.tracking_uri = str(cfg.mlflow.tracking_uri)
+        self.owner = job.adopted_run is None
+        self.spool = Spool(job.adopted_run) if job.adopted_run else Spool.in_dir(self.run_dir)
+        self.sender: Optional[Sender] = None
         self._monitor = None
-        # On a resume, each metric's last step already in the run: the replayed steps are not logged again.
+        self._monitor_lock = threading.Lock()
+        self._closed = False
+        # On a resume, each metric's last step the killed process spooled: the replayed steps are not logged again.
         self._logged_up_to: dict = {}
+
+    @property
+    def run_id(self) -> Optional[str]:
+        """The run's id once the store has created it (None while the store has been away since the start)."""
+        if self.sender is not None:
+            return self.sender.run_id
+        id_file = self.spool.run_dir / RUN_ID_FILE
+        return id_file.read_text().strip() if self.active and id_file.is_file() else None
 
     def __enter__(self):
         if not self.active:
             return self
-        id_file = self.run_dir / "mlflow_run_id"
-        adopted = os.environ.get(ADOPT_ENV)
-        resumed = self.resume and id_file.is_file()
-        if adopted:
-            self.run_id, self.owner = adopted, False
-        elif resumed:
-            # A resumed run continues its own MLflow run: same params, one continuous step axis.
-            self.run_id = id_file.read_text().strip()
-            run = self.client.get_run(self.run_id)
-            close_orphaned_runs(self.client, run.info.experiment_id)
-            self.client.update_run(self.run_id, status="RUNNING")
-            if "error" in self.client.get_run(self.run_id).data.tags:
-                self.client.delete_tag(self.run_id, "error")  # the interruption it recorded is being repaired
-            for key, value in {**owner_tags(), "resumed": "true"}.items():
-                self.client.set_tag(self.run_id, key, value)
-        else:
-            self.run_id = create_run(self.client, self.cfg, self.run_dir, self.job)
-        if not resumed:
-            id_file.parent.mkdir(parents=True, exist_ok=True)
-            id_file.write_text(self.run_id)
         if self.resume:
-            # The killed process logged steps past its last checkpoint, and training replays them.
-            self._logged_up_to = {key: max(m.step for m in self.client.get_metric_history(self.run_id, key))
-                                  for key in self.client.get_run(self.run_id).data.metrics}
-        # Under msrun the launcher samples the machine; its ranks (rank 0 adopts the run) do not sample again.
-        if self.cfg.mlflow.get("system_metrics") and not under_msrun():
+            self._logged_up_to = self.spool.metric_steps()
+        if self.owner:
+            self.sender = Sender(self.spool, self.tracking_uri, self.run_dir / RUN_ID_FILE, self._start_monitor)
+            self.sender.start()
+            if self.resume and self.spool.creates_run():
+                # A resumed run continues its own MLflow run: same params, one continuous step axis.
+                self.record("reopen_run", tags={**owner_tags(), "resumed": "true"},
+                            tracking_uri=display_uri(self.tracking_uri))
+            else:
+                spool_new_run(self.spool, self.cfg, self.run_dir, self.job)
+        if self.run_id:
+            self._start_monitor(self.run_id)
+        return self
+
+    def _start_monitor(self, run_id: str) -> None:
+        """MLflow's own system-metrics sampler, once the run exists. It logs directly, not through the spool: while
+        the store is away its samples are lost. Under msrun the launcher samples the machine; its ranks do not."""
+        if not self.cfg.mlflow.get("system_metrics") or under_msrun():
+            return
+        with self._monitor_lock:
+            if self._monitor is not None or self._closed:
+                return
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            self._monitor = SystemMetricsMonitor(self.run_id, float(self.cfg.mlflow.system_metrics_interval),
-                                                 resume_logging=resumed, tracking_uri=self.tracking_uri)
+            self._monitor = SystemMetricsMonitor(run_id, float(self.cfg.mlflow.system_metrics_interval),
+                                                 resume_logging=self.resume, tracking_uri=self.tracking_uri)
             self._monitor.start()
-        return self
 
     def __exit__(self, exc_type, exc, tb):
         if not self.active:
             return False
-        if self._monitor is not None:
-            self._monitor.finish()
-        if exc_type is not None:
-            self.client.set_tag(self.run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])
-            self.client.set_terminated(self.run_id, "FAILED")
+        with self._monitor_lock:
+            self._closed = True  # a run the sender creates from now on gets no sampler
+            if self._monitor is not None:
+                self._monitor.finish()
+        if exc_type is not None and issubclass(exc_type, Interrupted):
+            self.record("terminate", status="KILLED", error=str(exc))
+        elif exc_type is not None:
+            self.record("terminate", status="FAILED", error=f"{exc_type.__name__}: {exc}")
         elif self.owner:
-            self.client.set_terminated(self.run_id, "FINISHED")
-            print(f"view the run: {view_command(self.client, self.tracking_uri, self.run_id)}")
+            self.record("terminate", status="FINISHED")
+        if self.sender is not None:
+            finish_delivery(self.sender, float(self.cfg.mlflow.drain_timeout), announce=exc_type is None)
         return False
 
+    def record(self, op: str, **args) -> None:
+        """Append one record (an op registered in x3d_exp.tracking.spool) for the sender to deliver."""
+        if not self.active:
+            return
+        self.spool.append(op, **args)
+        if self.sender is not None:
+            self.sender.notify()
+
     def log_params(self, params: dict):
-        if self.active:
-            log_params(self.client, self.run_id, params)
+        self.record("log_params", params={k: str(v) for k, v in params.items()})
 
     def log_metrics(self, metrics: dict, step: Optional[int]):
         if not self.active:
             return
         # Final metrics (step None) are always logged: a resumed run's test is a new result.
         replayed = {k for k in metrics if step is not None and step <= self._logged_up_to.get(k, -1)}
-        entities = [mlflow.entities.Metric(k, float(v), int(time.time() * 1000), step or 0)
-                    for k, v in metrics.items() if v is not None and k not in replayed]
-        if entities:
-            self.client.log_batch(self.run_id, metrics=entities)
+        now = int(time.time() * 1000)
+        rows = [[k, float(v), now, step or 0] for k, v in metrics.items() if v is not None and k not in replayed]
+        if rows:
+            self.record("log_metrics", metrics=rows)
 
     def log_artifact(self, path, artifact_path: Optional[str]):
         if self.active and path is not None and Path(path).exists():
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            self.record("log_artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
 
     def log_datasets(self, name: str, loaders: dict):
         """Each split's annotation file as an MLflow dataset input (name, file, digest of its contents, the split as
         its context), so the run's Datasets section says what it was trained and tested on."""
         if not self.active:
             return
-        inputs = []
+        datasets = []
         for split, loader in loaders.items():
             path = Path(loader.annotation).resolve()
             # HMDB51's annotation is one file per class: a glob pattern, hashed over its files in order.
             digest = hashlib.sha256()
             for file in sorted(glob.glob(str(path))) or [path]:
                 digest.update(Path(file).read_bytes())
-            dataset = mlflow.entities.Dataset(name=name, digest=digest.hexdigest()[:16], source_type="local",
-                                              source=json.dumps({"uri": str(path)}))
-            context = mlflow.entities.InputTag("mlflow.data.context", split)
-            inputs.append(mlflow.entities.DatasetInput(dataset, [context]))
-        self.client.log_inputs(self.run_id, datasets=inputs)
+            datasets.append({"name": name, "digest": digest.hexdigest()[:16], "source_type": "local",
+                             "source": json.dumps({"uri": str(path)}), "context": split})
+        self.record("log_inputs", datasets=datasets)
 
     def log_model(self, model_name: str, trained, nominal, sizes: dict):
         """Size and cost (models.summary.NetworkCount) at the clip trained on and at the model's own input size."""

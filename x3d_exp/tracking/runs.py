@@ -1,9 +1,10 @@
-"""MLflow runs: creation with the standard tags and params, ownership, and closing the orphans of killed jobs.
+"""MLflow runs: creation with the standard tags and params, ownership, closing the orphans of killed jobs, and the
+spool ops (x3d_exp.tracking.spool) that record all of it.
 
-A run has one owner, the process that created it, which alone closes it FINISHED. An outer process can create
-the run and hand its id to the process that trains through `ADOPT_ENV`: the msrun launcher to rank 0, the sweep
-job wrapper (x3d_exp.tracking.sweeps) to the task. The adopting Tracker logs into that run, marks it FAILED on an
-error and otherwise leaves closing it to the owner, which knows whether every other rank or step succeeded too.
+A run has one owner, the process that opens it, which alone closes it FINISHED. An outer process can open the run
+and hand its spool to the process that trains (`JobContext.adopted_run`): the msrun launcher to rank 0, the sweep
+job wrapper (x3d_exp.tracking.sweeps) to the task. The adopting Tracker appends to that spool, marks the run FAILED
+on an error and otherwise leaves closing it to the owner, which knows whether every other rank or step succeeded too.
 
 A process killed with SIGKILL (or the OOM killer) cannot close its run. Every run therefore carries its owner's
 host and pid, and whenever a run is opened in an experiment, RUNNING runs there whose owner on this host is gone
@@ -16,18 +17,21 @@ import logging
 import os
 import socket
 import subprocess
+import uuid
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from x3d_exp.config import JobContext, flatten
+from x3d_exp.tracking.spool import RUN_KEY_TAG, NotYet, Spool, register_op
 
 log = logging.getLogger("x3d_exp.tracking")
 MLFLOW_PARAM_LIMIT = 6000
-ADOPT_ENV = "X3D_EXP_MLFLOW_RUN_ID"
+# The run's id in its run dir, written once the store has created the run.
+RUN_ID_FILE = "mlflow_run_id"
 # The experiment's kind as MLflow 3 records it (model training, not GenAI). MLflow 3.17's UI reads it only when its
 # global GenAI / Model training switch is off, which it never is there: see view_command.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -129,15 +133,17 @@ def close_orphaned_runs(client: MlflowClient, experiment: str) -> list:
 
 
 def open_run(client: MlflowClient, experiment_name: str, name: Optional[str], tags: dict) -> str:
-    """A new RUNNING run owned by this process, after closing the experiment's orphaned runs."""
+    """A new RUNNING run, after closing the experiment's orphaned runs; owned by this process unless `tags` name
+    another owner (a run created from a spool names the process that wrote it)."""
     experiment = experiment_id(client, experiment_name)
     close_orphaned_runs(client, experiment)
-    return client.create_run(experiment, run_name=name, tags={**tags, **owner_tags()}).info.run_id
+    return client.create_run(experiment, run_name=name, tags={**owner_tags(), **tags}).info.run_id
 
 
-def create_run(client: MlflowClient, cfg: DictConfig, run_dir: Path, job: JobContext, tags: Optional[dict] = None,
-               name: Optional[str] = None) -> str:
-    """A RUNNING run with the standard tags, the flattened config as params and the job's `.hydra/` files."""
+def spool_new_run(spool: Spool, cfg: DictConfig, run_dir: Path, job: JobContext, tags: Optional[dict] = None,
+                   name: Optional[str] = None, parent_key: Optional[str] = None) -> str:
+    """Spool a RUNNING run with the standard tags, the flattened config as params and the job's `.hydra/` files;
+    returns its key (`parent_key`: the key of the sweep's parent run, whose child it is)."""
     overrides = " ".join(job.task_overrides)
     all_tags = {"task": cfg.task, "model": cfg.model.name, "data": cfg.data.name,
                 "hydra_overrides": overrides, "run_dir": str(Path(run_dir).resolve())}
@@ -145,9 +151,105 @@ def create_run(client: MlflowClient, cfg: DictConfig, run_dir: Path, job: JobCon
     if commit:
         all_tags["git_commit"] = commit
     all_tags.update(tags or {})
-    run_id = open_run(client, cfg.mlflow.experiment_name, name or run_name(cfg), all_tags)
-    log_params(client, run_id, flatten(cfg))
+    key = spool_run(spool, cfg.mlflow.tracking_uri, cfg.mlflow.experiment_name, name or run_name(cfg), all_tags,
+                    parent_key)
+    spool.append("log_params", params={k: str(v) for k, v in flatten(cfg).items()})
     hydra_dir = job.output_dir / ".hydra"
     if hydra_dir.is_dir():
-        client.log_artifacts(run_id, str(hydra_dir), ".hydra")
-    return run_id
+        spool.append("log_artifact", path=str(hydra_dir.resolve()), artifact_path=".hydra")
+    return key
+
+
+def spool_run(spool: Spool, tracking_uri: str, experiment: str, name: str, tags: dict,
+              parent_key: Optional[str] = None) -> str:
+    """Spool the creation of a run owned by this process; returns the key that names it until the store gives it
+    an id."""
+    key = uuid.uuid4().hex
+    spool.append("create_run", key=key, experiment=experiment, name=name, tags={**tags, **owner_tags()},
+                 parent_key=parent_key, tracking_uri=display_uri(tracking_uri))
+    return key
+
+
+def run_by_key(client: MlflowClient, experiment: str, key: str) -> Optional[str]:
+    found = client.search_runs([experiment], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'", max_results=1)
+    return found[0].info.run_id if found else None
+
+
+# The spool ops (x3d_exp.tracking.spool): each applies one record to the store and may run twice (a kill between
+# delivering a record and saving how far the spool is delivered), so each is idempotent.
+
+def _create_run(client: MlflowClient, run_id, *, key: str, experiment: str, name: str, tags: dict,
+                parent_key: Optional[str] = None, tracking_uri: str = "") -> str:
+    """Open the run (closing the experiment's orphans first), unless a delivery that died made it already."""
+    found = experiment_id(client, experiment)
+    existing = run_by_key(client, found, key)
+    if existing:
+        return existing
+    tags = {**tags, RUN_KEY_TAG: key}
+    if parent_key:
+        parent = run_by_key(client, found, parent_key)
+        if parent is None:
+            raise NotYet("the sweep's parent run is not created yet")
+        tags["mlflow.parentRunId"] = parent
+    return open_run(client, experiment, name, tags)
+
+
+def _reopen_run(client: MlflowClient, run_id: str, *, tags: dict, tracking_uri: str = "") -> None:
+    """A resumed job continues its run: orphans closed (its own among them), then RUNNING again without the error
+    its interruption recorded."""
+    close_orphaned_runs(client, client.get_run(run_id).info.experiment_id)
+    client.update_run(run_id, status="RUNNING")
+    if "error" in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, "error")
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+def _log_metrics(client: MlflowClient, run_id: str, *, metrics: List[list]) -> None:
+    """`metrics`: [key, value, timestamp ms, step] each."""
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), int(ms), int(step))
+                                          for k, v, ms, step in metrics[start:start + 1000]])
+
+
+def _set_tags(client: MlflowClient, run_id: str, *, tags: dict) -> None:
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value)[:5000])
+
+
+def _log_artifact(client: MlflowClient, run_id: str, *, path: str, artifact_path: Optional[str] = None) -> None:
+    """The file (or folder) as it is when delivered; one deleted since it was spooled is reported and passed over."""
+    if not Path(path).exists():
+        log.warning("artifact %s no longer exists: not logged to run %s", path, run_id)
+        return
+    if Path(path).is_dir():
+        client.log_artifacts(run_id, path, artifact_path)
+    else:
+        client.log_artifact(run_id, path, artifact_path)
+
+
+def _log_inputs(client: MlflowClient, run_id: str, *, datasets: List[dict]) -> None:
+    """`datasets`: {name, digest, source_type, source, context} each; MLflow keeps one input per dataset."""
+    inputs = [mlflow.entities.DatasetInput(
+        mlflow.entities.Dataset(name=d["name"], digest=d["digest"], source_type=d["source_type"], source=d["source"]),
+        [mlflow.entities.InputTag("mlflow.data.context", d["context"])]) for d in datasets]
+    client.log_inputs(run_id, datasets=inputs)
+
+
+def _terminate(client: MlflowClient, run_id: str, *, status: str, error: Optional[str] = None) -> None:
+    """End the run; FINISHED also drops an `error` tag left by an orphan closing that ran while it was pending."""
+    if error:
+        client.set_tag(run_id, "error", error[:5000])
+    elif status == "FINISHED" and "error" in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, "error")
+    client.set_terminated(run_id, status)
+
+
+register_op("create_run", _create_run)
+register_op("reopen_run", _reopen_run)
+register_op("log_params", lambda client, run_id, *, params: log_params(client, run_id, params))
+register_op("log_metrics", _log_metrics)
+register_op("set_tags", _set_tags)
+register_op("log_artifact", _log_artifact)
+register_op("log_inputs", _log_inputs)
+register_op("terminate", _terminate)

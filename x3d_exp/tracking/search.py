@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -25,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from x3d_exp.config import FACTORS
 from x3d_exp.errors import ConfigError
 from x3d_exp.tracking.plots import plot_expansion_path
+from x3d_exp.tracking.spool import Spool
 from x3d_exp.tracking.sweeps import AXIS_TAG, PARENT_FILE, SEARCH_RESULT, STEP_TAG, as_float, best_val_top1
 
 log = logging.getLogger("x3d_exp.tracking.search")
@@ -151,6 +153,18 @@ def contract(previous: Candidate, chosen: Candidate, target: float, multiplier: 
         else:
             high = middle
     return best if best is not None and low > 1.01 else None
+
+
+def recorded_children(client: Optional[MlflowClient], parent: Optional[str]) -> Dict[str, Candidate]:
+    """`finished_children`, or none (with one warning line) when there is no parent run or the store is away."""
+    if client is None or parent is None:
+        return {}
+    try:
+        return finished_children(client, parent)
+    except Exception as err:  # noqa: BLE001 - the search goes on; it trains what it cannot see
+        log.warning("cannot read the finished candidates from MLflow (%s): %s", type(err).__name__,
+                    next(iter(str(err).splitlines()), ""))
+        return {}
 
 
 def finished_children(client: MlflowClient, parent: str) -> Dict[str, Candidate]:
@@ -320,7 +334,7 @@ def run_progressive_sweep(config, arguments: Sequence[str], launcher) -> Candida
     parent_file = sweep_dir / PARENT_FILE
     parent = parent_file.read_text().strip() if parent_file.is_file() else None
     client = MlflowClient(str(config.mlflow.tracking_uri)) if parent else None
-    done = finished_children(client, parent) if parent else {}
+    done = recorded_children(client, parent)
     if done:
         log.info("resuming: %d candidates already trained in %s", len(done), sweep_dir)
     next_job = _first_free_job(sweep_dir)
@@ -336,7 +350,7 @@ def run_progressive_sweep(config, arguments: Sequence[str], launcher) -> Candida
             first_line = next(iter(str(err).splitlines()), "")
             reason = f"the launcher lost the batch: {type(err).__name__}: {first_line[:300]}"
             # One lost job makes the whole launch() raise; the jobs that did finish say so in their runs.
-            recorded = finished_children(client, parent) if client else {}
+            recorded = recorded_children(client, parent)
             for candidate in batch:
                 if candidate.key in recorded:
                     candidate.take_outcome(recorded[candidate.key])
@@ -353,13 +367,13 @@ def run_progressive_sweep(config, arguments: Sequence[str], launcher) -> Candida
     try:
         found = search.run()
     finally:
-        _record(search, found, sweep_dir, client, parent, settings)
+        _record(search, found, sweep_dir, settings)
     return found
 
 
-def _record(search: ProgressiveSearch, found: Optional[Candidate], sweep_dir: Path, client, parent,
-            settings: SearchSettings) -> None:
-    """The path so far, on disk and on the parent run; with a result, the line the sweep ends with."""
+def _record(search: ProgressiveSearch, found: Optional[Candidate], sweep_dir: Path, settings: SearchSettings) -> None:
+    """The path so far, on disk and on the parent run (through the sweep's spool); with a result, the line the sweep
+    ends with."""
     if not search.candidates:
         return
     last = found or search.path[-1]
@@ -372,9 +386,11 @@ def _record(search: ProgressiveSearch, found: Optional[Candidate], sweep_dir: Pa
             f"{'found' if found else 'stopped at'} {factors} at {last.gmacs:.4f} GMACs "
             f"(val top-1 {last.val_top1:.3f}, rule {settings.rule}); {FOUND_MODEL}: {paths[2]}")
     (sweep_dir / SEARCH_RESULT).write_text(json.dumps({"line": line}))
-    if client is not None:
+    spool = Spool.in_dir(sweep_dir)
+    if spool.run_key():
         for path in paths:
-            client.log_artifact(parent, str(path))
-        client.log_metric(parent, "search/found_gmacs", float(last.gmacs))
-        client.log_metric(parent, "search/found_val_top1", float(last.val_top1))
-        client.set_tag(parent, "search.found", factors)
+            spool.append("log_artifact", path=str(path))
+        now = int(time.time() * 1000)
+        spool.append("log_metrics", metrics=[["search/found_gmacs", float(last.gmacs), now, 0],
+                                             ["search/found_val_top1", float(last.val_top1), now, 0]])
+        spool.append("set_tags", tags={"search.found": factors})

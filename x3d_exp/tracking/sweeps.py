@@ -3,19 +3,23 @@
 Two pieces, both always on (conf/config.yaml), so ad-hoc sweeps are grouped like those in multirun_sweeps/:
 
 - `MlflowSweepCallback` (a Hydra callback). `on_multirun_start`, in the process the user started and before any job,
-  opens the store (a new sqlite file is migrated here once, not by parallel jobs racing each other), creates the
-  experiment and the parent run with the base config as params, and writes the parent's id to
-  `<sweep dir>/mlflow_parent_run_id` for the jobs. `on_multirun_end` attaches `sweep_summary.csv` and
-  `top1_vs_gmacs.png` to the parent, closes it (FAILED if any job failed) and exits with status 1 if any job failed.
-  A job folder of this multirun without a child run (the job was killed before it opened one) is a FAILED row.
-  Should the multirun itself die (a job's composition error, Ctrl+C), an exit hook still writes the summary and
-  closes the parent FAILED.
-- `run_job(task, cfg, job)`, which the CLI's task function calls (x3d_exp.cli). In a multirun job it creates the
-  job's child run (tag `mlflow.parentRunId`), lets the task log into it (tracking.ADOPT_ENV) and closes it. A
-  failing job is recorded and returned as `{"status": "FAILED", "error": ...}` instead of raised: Hydra's
-  BasicSweeper re-raises a failed job's exception after its batch, which skips later batches and on_multirun_end,
-  and the SystemExit of a user error (cli.run_task exits 2) escapes Hydra's run_job altogether, ending the multirun
-  in the middle of a batch. Outside a multirun it only calls the task.
+  spools the parent run with the base config as params into `<sweep dir>/mlflow_spool.jsonl` and starts its sender,
+  which creates the experiment and the run (a new sqlite file is migrated there once, not by parallel jobs racing
+  each other) and writes the parent's id to `<sweep dir>/mlflow_parent_run_id`. `on_multirun_end` attaches
+  `sweep_summary.csv` and `top1_vs_gmacs.png` to the parent, closes it (FAILED if any job failed) and exits with
+  status 1 if any job failed. A job folder of this multirun without a child run (the job was killed before it opened
+  one) is a FAILED row. Should the multirun itself die (a job's composition error, Ctrl+C), an exit hook still
+  writes the summary and closes the parent FAILED.
+- `run_job(task, cfg, job)`, which the CLI's task function calls for each multirun job (x3d_exp.cli). It spools the
+  job's child run (tag `mlflow.parentRunId`) in the job's folder, runs the task with that spool as its
+  `JobContext.adopted_run`, and closes the run. A failing job is recorded and returned as
+  `{"status": "FAILED", "error": ...}` instead of raised: Hydra's BasicSweeper re-raises a failed job's exception
+  after its batch, which skips later batches and on_multirun_end.
+
+Everything written to MLflow goes through spools (x3d_exp.tracking.spool), so a sweep goes on while the tracking
+server is away: a child run is created once its parent is, and a job waits at most `mlflow.drain_timeout` at its
+end. What needs to read the store (the summary, a resumed search's finished candidates) is skipped with one
+warning line while it is away; `python run.py task=sync sync.path=<sweep dir>` delivers the rest later.
 
 Progressive expansion (X3D's search: expand each axis a step, keep the one with the best accuracy per GMAC, repeat)
 fits as a Sweeper plugin (hydra.plugins.sweeper.Sweeper) with this recording unchanged: each round it builds one
@@ -28,10 +32,10 @@ summary and plot cover the whole path.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -42,8 +46,12 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from x3d_exp.config import FACTORS, JobContext, flatten
+from x3d_exp.errors import Interrupted, UserError
+from x3d_exp.tracking.delivery import Sender, finish_delivery, first_line, sync_command
 from x3d_exp.tracking.plots import plot_top1_vs_gmacs
-from x3d_exp.tracking.runs import ADOPT_ENV, create_run, git_commit, log_params, open_run, view_command
+from x3d_exp.tracking.runs import (RUN_ID_FILE, display_uri, git_commit, owner_tags, spool_new_run, spool_run,
+                                   view_command)
+from x3d_exp.tracking.spool import Spool, register_op
 
 log = logging.getLogger("x3d_exp.tracking.sweeps")
 
@@ -58,58 +66,88 @@ STEP_TAG, AXIS_TAG = "sweep.step", "sweep.axis"
 TRACKED_TASKS = ("train", "test")
 
 
+# How long a sweep job waits for its child run to be created when it starts, so that its result names the run.
+# Only while the server is away does it wait this long.
+START_WAIT_S = 5.0
+
+
 def _first_line(text: str) -> str:
     # MindSpore's errors run to dozens of lines of C++ stack; the first says what happened.
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
-def _describe_failure(err: BaseException) -> str:
-    # cli.run_task turns a user error into sys.exit(2) inside its except block, so the error is the context.
-    if isinstance(err, SystemExit) and isinstance(err.__context__, Exception):
-        err = err.__context__
-    return f"{type(err).__name__}: {_first_line(str(err))}"
+def base_params(sweep_dir: Path) -> dict:
+    """The sweep's base config as its parent run's params, read from the sweep's spool (no server needed)."""
+    params = [r.args["params"] for r in Spool.in_dir(sweep_dir).read()[0] if r.op == "log_params"]
+    return params[-1] if params else {}
 
 
-def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig, context: JobContext):
-    """Run one task; in a multirun job, as a child run of the sweep's parent and never raising its failure."""
-    if not context.multirun:
-        return task(cfg)
-    parent_file = Path(context.sweep_dir) / PARENT_FILE
-    parent = parent_file.read_text().strip() if parent_file.is_file() else None
-    client = run_id = None
-    previous = os.environ.get(ADOPT_ENV)
+def run_job(task: Callable[[DictConfig, JobContext], Any], cfg: DictConfig, context: JobContext) -> dict:
+    """Run one multirun job as a child run of the sweep's parent, never raising its failure (bar an interrupt)."""
     job = context.job_num
-    if parent and cfg.task in TRACKED_TASKS and cfg.mlflow.enabled:
-        client = MlflowClient(cfg.mlflow.tracking_uri)
-        changed = _changed({k: str(v) for k, v in flatten(cfg).items()}, client.get_run(parent).data.params)
-        tags = {"mlflow.parentRunId": parent, "sweep.job": str(job)}
+    parent_key = Spool.in_dir(context.sweep_dir).run_key() if context.sweep_dir else None
+    sender = None
+    if parent_key and cfg.task in TRACKED_TASKS and cfg.mlflow.enabled:
+        spool = Spool.in_dir(context.output_dir)
+        sender = Sender(spool, str(cfg.mlflow.tracking_uri), context.output_dir / RUN_ID_FILE)
+        sender.start()
+        changed = _changed({k: str(v) for k, v in flatten(cfg).items()}, base_params(context.sweep_dir))
+        tags = {"sweep.job": str(job)}
         for tag, key in ((STEP_TAG, "step"), (AXIS_TAG, "axis")):
             if cfg.sweep.get(key) is not None:
                 tags[tag] = str(cfg.sweep[key])
-        run_id = create_run(client, cfg, context.output_dir, context, tags=tags,
-                            name=cfg.mlflow.run_name or f"{job}: {changed or '(base)'}"[:250])
-        os.environ[ADOPT_ENV] = run_id
-    outcome = {"status": "FINISHED", "run_id": run_id, "job": job}
+        spool_new_run(spool, cfg, context.output_dir, context, tags=tags,
+                      name=cfg.mlflow.run_name or f"{job}: {changed or '(base)'}"[:250], parent_key=parent_key)
+        context = dataclasses.replace(context, adopted_run=spool.path)
+        sender.drain(START_WAIT_S)
+    outcome = {"status": "FINISHED", "run_id": None, "job": job}
+    interrupted = None
     try:
-        outcome.update(task(cfg) or {})
-    except BaseException as err:  # noqa: B902 - a user error arrives as SystemExit, Ctrl+C as KeyboardInterrupt
-        outcome.update(status="FAILED", error=_describe_failure(err))
-        if not isinstance(err, SystemExit):
-            log.exception("sweep job %d failed", job)
-        if client is not None:
-            client.set_tag(run_id, "error", outcome["error"][:5000])
-            client.set_terminated(run_id, "FAILED")
-        if isinstance(err, KeyboardInterrupt):
-            raise
+        outcome.update(task(cfg, context) or {})
+    except UserError as err:
+        outcome.update(status="FAILED", error=f"{type(err).__name__}: {_first_line(str(err))}")
+    except Interrupted as err:
+        outcome.update(status="KILLED", error=str(err))
+        interrupted = err
+    except KeyboardInterrupt as err:
+        outcome.update(status="FAILED", error=f"KeyboardInterrupt: {err}")
+        interrupted = err
+    except Exception as err:  # noqa: BLE001 - one job's failure is recorded; the sweep goes on
+        outcome.update(status="FAILED", error=f"{type(err).__name__}: {_first_line(str(err))}")
+        log.exception("sweep job %d failed", job)
+    if outcome["status"] != "FINISHED" and interrupted is None:
         log.error("sweep job %d failed: %s", job, outcome["error"])
-    finally:
-        if previous is None:
-            os.environ.pop(ADOPT_ENV, None)
-        else:
-            os.environ[ADOPT_ENV] = previous
-    if client is not None and outcome["status"] == "FINISHED":
-        client.set_terminated(run_id, "FINISHED")
+    if sender is not None:
+        sender.spool.append("terminate", status=outcome["status"], error=outcome.get("error"))
+        sender.notify()
+        finish_delivery(sender, float(cfg.mlflow.drain_timeout), announce=False)
+        outcome["run_id"] = sender.run_id
+    if interrupted is not None:
+        raise interrupted
     return outcome
+
+
+def _close_running_children(client: MlflowClient, parent: str) -> None:
+    """Spool op of the parent run: the multirun is over, so nothing will close a child left RUNNING any more (its
+    job was killed)."""
+    experiment = client.get_run(parent).info.experiment_id
+    for child in client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and "
+                                    "attributes.status = 'RUNNING'", max_results=50000):
+        client.set_tag(child.info.run_id, "error", "the job ended without closing its run (killed?)")
+        client.set_terminated(child.info.run_id, "FAILED")
+
+
+def _delete_unfinished_children(client: MlflowClient, parent: str) -> None:
+    """Spool op of a resumed sweep's parent: children that did not finish are deleted, the sweeper trains them
+    again."""
+    experiment = client.get_run(parent).info.experiment_id
+    for child in client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent}'", max_results=50000):
+        if child.info.status != "FINISHED" and child.info.lifecycle_stage == "active":
+            client.delete_run(child.info.run_id)
+
+
+register_op("close_running_children", _close_running_children)
+register_op("delete_unfinished_children", _delete_unfinished_children)
 
 
 def best_val_top1(client, run_id: str) -> Optional[float]:
@@ -174,14 +212,20 @@ class MlflowSweepCallback(Callback):
 
     def __init__(self) -> None:
         self.client = None
-        self.parent: Optional[str] = None
+        self.sender: Optional[Sender] = None
         self.sweep_dir: Optional[Path] = None
         self.base_params: dict = {}
         self.name = "multirun"
         self.tracking_uri = ""
+        self.drain_timeout = 60.0
         self.optimized_metric: Optional[str] = None
         self.allow_failed_jobs = False
         self.started = 0.0
+
+    def __getstate__(self) -> dict:
+        # Hydra's joblib launcher pickles the callbacks into its worker processes, which never close the sweep: the
+        # sender (a thread and a lock) stays in this process.
+        return {**self.__dict__, "sender": None}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.time()
@@ -192,45 +236,37 @@ class MlflowSweepCallback(Callback):
         self.sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = str(config.mlflow.tracking_uri)
+        self.drain_timeout = float(config.mlflow.drain_timeout)
         self.client = MlflowClient(self.tracking_uri)
         (self.sweep_dir / SEARCH_RESULT).unlink(missing_ok=True)
-        if OmegaConf.select(base, "sweep.resumable", default=False) and self._reopen_parent():
-            atexit.register(self._finish, aborted=True)
-            return
-        overrides = " ".join(config.hydra.overrides.task)
-        tags = {"sweep": self.name, "sweep.dir": str(self.sweep_dir), "hydra_overrides": overrides,
-                "task": str(base.task)}
-        commit = git_commit()
-        if commit:
-            tags["git_commit"] = commit
-        self.parent = open_run(self.client, str(config.mlflow.experiment_name), f"{self.name}: {overrides}"[:250],
-                               tags)
-        self.base_params = {k: str(v) for k, v in flatten(base).items()}
-        log_params(self.client, self.parent, self.base_params)
-        (self.sweep_dir / PARENT_FILE).write_text(self.parent)
+        spool = Spool.in_dir(self.sweep_dir)
+        self.sender = Sender(spool, self.tracking_uri, self.sweep_dir / PARENT_FILE)
+        self.sender.start()
         atexit.register(self._finish, aborted=True)
-        log.info("MLflow parent run %s for the sweep in %s", self.parent, self.sweep_dir)
-
-    def _reopen_parent(self) -> bool:
-        """A resumable sweep run again in its own sweep dir continues its parent run. Children that did not finish
-        (killed, or failed) are deleted: the sweeper trains them again."""
-        parent_file = self.sweep_dir / PARENT_FILE
-        if not parent_file.is_file():
-            return False
-        try:
-            run = self.client.get_run(parent_file.read_text().strip())
-        except Exception:  # noqa: BLE001 - the id of another store, or a deleted run: start a new parent
-            return False
-        self.parent = run.info.run_id
-        self.base_params = dict(run.data.params)
-        self.client.update_run(self.parent, status="RUNNING")
-        experiment = run.info.experiment_id
-        for child in self.client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{self.parent}'",
-                                             max_results=50000):
-            if child.info.status != "FINISHED":
-                self.client.delete_run(child.info.run_id)
-        log.info("MLflow parent run %s continued for the sweep in %s", self.parent, self.sweep_dir)
-        return True
+        if OmegaConf.select(base, "sweep.resumable", default=False) and spool.creates_run():
+            # A resumable sweep run again in its own sweep dir continues its parent run; its children that did not
+            # finish (killed, or failed) are deleted: the sweeper trains them again.
+            spool.append("reopen_run", tags={**owner_tags(), "resumed": "true"},
+                         tracking_uri=display_uri(self.tracking_uri))
+            spool.append("delete_unfinished_children")
+            self.base_params = base_params(self.sweep_dir)
+            log.info("MLflow parent run continued for the sweep in %s", self.sweep_dir)
+        else:
+            overrides = " ".join(config.hydra.overrides.task)
+            tags = {"sweep": self.name, "sweep.dir": str(self.sweep_dir), "hydra_overrides": overrides,
+                    "task": str(base.task)}
+            commit = git_commit()
+            if commit:
+                tags["git_commit"] = commit
+            spool_run(spool, self.tracking_uri, str(config.mlflow.experiment_name), f"{self.name}: {overrides}"[:250],
+                      tags)
+            self.base_params = {k: str(v) for k, v in flatten(base).items()}
+            spool.append("log_params", params=self.base_params)
+        self.sender.notify()
+        # Before any job: a new sqlite store is migrated here once, not by parallel jobs racing each other, and a
+        # resumed search reads the parent's id. A server away at the start holds the sweep up to the drain timeout.
+        if self.sender.drain(self.drain_timeout) == 0:
+            log.info("MLflow parent run %s for the sweep in %s", self.sender.run_id, self.sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         failed = self._finish(aborted=False)
@@ -240,19 +276,39 @@ class MlflowSweepCallback(Callback):
 
     def _finish(self, aborted: bool) -> str:
         """Summarise and close the parent once; returns a one-line account of failed jobs ('' if none)."""
-        if self.parent is None:
+        if self.sender is None:
             return ""
-        parent, self.parent = self.parent, None
+        sender, self.sender = self.sender, None
         atexit.unregister(self._finish)
+        spool = sender.spool
+        spool.append("close_running_children")
+        sender.notify()
+        account, failed = "", ""
+        status = "FAILED" if aborted else "FINISHED"
+        if sender.drain(self.drain_timeout) == 0 and sender.run_id:
+            try:
+                account, failed = self._summarise(spool, sender.run_id)
+            except Exception as err:  # noqa: BLE001 - the store went away: the jobs and their runs are intact
+                log.warning("the sweep summary is skipped: MLflow at %s failed (%s)", self.tracking_uri,
+                            first_line(err))
+            if failed:
+                status = "FAILED"
+        else:
+            log.warning("the sweep summary is skipped: MLflow at %s did not answer; after `%s`, the runs are all "
+                        "there", self.tracking_uri, sync_command(self.sweep_dir))
+        spool.append("terminate", status=status)
+        sender.notify()
+        finish_delivery(sender, self.drain_timeout, announce=False)
+        if account:
+            print(account, flush=True)
+        return failed
+
+    def _summarise(self, spool: Spool, parent: str):
+        """The summary table of the children, its csv and plot and the sweep's metrics on the parent (through the
+        spool); returns (the sweep's last line, a one-line account of failed jobs or '')."""
         experiment = self.client.get_run(parent).info.experiment_id
         children = self.client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'",
                                            max_results=50000)
-        for child in children:
-            if child.info.status == "RUNNING":
-                # The multirun is over, so nothing will close it any more: its job was killed.
-                self.client.set_tag(child.info.run_id, "error", "the job ended without closing its run (killed?)")
-                self.client.set_terminated(child.info.run_id, "FAILED")
-        children = [self.client.get_run(c.info.run_id) for c in children]
         table = summary_table(self.client, children, self.base_params)
         lost = lost_jobs(self.sweep_dir, set(table.job), self.started)
         if lost:
@@ -261,28 +317,26 @@ class MlflowSweepCallback(Callback):
             table = pd.concat([table, pd.DataFrame(lost)]).sort_values("job", kind="stable").reset_index(drop=True)
         csv = self.sweep_dir / SUMMARY_CSV
         table.to_csv(csv, index=False)
-        self.client.log_artifact(parent, str(csv))
+        spool.append("log_artifact", path=str(csv))
         plot = plot_top1_vs_gmacs(table, self.name, self.sweep_dir / SUMMARY_PLOT, SUMMARY_CSV)
-        self.client.log_artifact(parent, str(plot))
+        spool.append("log_artifact", path=str(plot))
         bad = table[table.status != "FINISHED"]
         best = table.test_top1.max() if table.test_top1.notna().any() else math.nan
         metrics = {"sweep/jobs": len(table), "sweep/failed": len(bad)}
         if not math.isnan(best):
             metrics["sweep/best_test_top1"] = float(best)
-        self._record_best(parent, table, metrics)
-        for key, value in metrics.items():
-            self.client.log_metric(parent, key, value)
-        failed = len(bad) and not self.allow_failed_jobs
-        self.client.set_terminated(parent, "FAILED" if aborted or failed else "FINISHED")
+        self._record_best(spool, table, metrics)
+        now = int(time.time() * 1000)
+        spool.append("log_metrics", metrics=[[key, float(value), now, 0] for key, value in metrics.items()])
         search = self.sweep_dir / SEARCH_RESULT
         account = json.loads(search.read_text())["line"] + "; " if search.is_file() else ""
-        print(f"sweep {self.name}: {account}{len(table) - len(bad)} of {len(table)} jobs finished; summary {csv}; "
-              f"view: {view_command(self.client, self.tracking_uri, parent)}", flush=True)
-        if not failed:
-            return ""
-        return "; ".join(f"sweep job {r.job} ({r.changed}) failed: {r.error}" for r in bad.itertuples())
+        line = (f"sweep {self.name}: {account}{len(table) - len(bad)} of {len(table)} jobs finished; summary {csv}; "
+                f"view: {view_command(self.client, self.tracking_uri, parent)}")
+        if not len(bad) or self.allow_failed_jobs:
+            return line, ""
+        return line, "; ".join(f"sweep job {r.job} ({r.changed}) failed: {r.error}" for r in bad.itertuples())
 
-    def _record_best(self, parent: str, table, metrics: dict) -> None:
+    def _record_best(self, spool: Spool, table, metrics: dict) -> None:
         """With sweep.optimized_metric (a column of the summary), the best finished job on the parent: its value as
         sweep/best_<metric>, and its job, run id and changed settings as tags."""
         metric = self.optimized_metric
@@ -293,5 +347,6 @@ class MlflowSweepCallback(Callback):
             return
         best = scored.loc[scored[metric].astype(float).idxmax()]
         metrics[f"sweep/best_{metric}"] = float(best[metric])
-        for key, value in {"best_job": best.job, "best_run_id": best.run_id, "best_changed": best.changed}.items():
-            self.client.set_tag(parent, f"sweep.{key}", str(value))
+        spool.append("set_tags", tags={f"sweep.{key}": str(value) for key, value in
+                                       {"best_job": best.job, "best_run_id": best.run_id,
+                                        "best_changed": best.changed}.items()})
