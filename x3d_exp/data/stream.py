@@ -35,6 +35,8 @@ from x3d_exp.errors import DataError
 
 STDIN = "-"
 STREAM_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
+# How much of a live stream FFmpeg reads to find its streams before the first frame (0.5 s, 64 KiB).
+LIVE_PROBE = {"analyzeduration": "500000", "probesize": "65536"}
 # Seconds to wait for a network stream to answer (to open it, then for each read).
 NETWORK_TIMEOUT = (10.0, 10.0)
 
@@ -77,8 +79,15 @@ class WindowPlan:
         """The windows whose frame range [first, last] holds `frame`."""
         per_window = self.stride * self.fps
         last_offset = self.step * (self.num_frames - 1)
-        low = max(0, math.ceil((frame - last_offset - 1) / per_window))
-        return range(low, math.floor((frame + 1e-6) / per_window) + 1)
+        # A range one window wider on each side than the arithmetic says, trimmed by the indices themselves, so
+        # rounding can never disagree with `indices`.
+        low = max(0, math.floor((frame - last_offset) / per_window) - 1)
+        high = math.floor(frame / per_window) + 1
+        while low <= high and self.indices(low)[-1] < frame:
+            low += 1
+        while high >= low and self.indices(high)[0] > frame:
+            high -= 1
+        return range(low, high + 1)
 
     def needs(self, frame: int) -> bool:
         return any(frame in self.indices(window) for window in self.windows_at(frame))
@@ -162,15 +171,16 @@ def open_source(source: str) -> av.container.InputContainer:
     source if it cannot be opened or has no video."""
     try:
         if source == STDIN:
-            # FFmpeg's own pipe protocol reads fd 0 in C, without a Python file object in the path.
-            container = av.open("pipe:0")
+            # FFmpeg's own pipe protocol reads fd 0 in C, without a Python file object in the path. Probing 5 s of
+            # the stream (FFmpeg's default) would hold back the first windows by as much.
+            container = av.open("pipe:0", options=LIVE_PROBE)
         elif source.startswith("/dev/"):
             if "v4l2" not in av.formats_available:
                 raise DataError(f"{source}: this PyAV build has no v4l2 input (camera devices need FFmpeg's "
                                 f"libavdevice with V4L2)")
             container = av.open(source, format="v4l2")
         elif source.startswith(STREAM_PREFIXES):
-            options = {"rtsp_transport": "tcp"} if source.startswith("rtsp://") else {}
+            options = {**LIVE_PROBE, "rtsp_transport": "tcp"} if source.startswith("rtsp://") else dict(LIVE_PROBE)
             container = av.open(source, options=options, timeout=NETWORK_TIMEOUT)
         else:
             container = av.open(source)
@@ -222,7 +232,9 @@ class WindowReader:
         height, width = stream.codec_context.height, stream.codec_context.width
         self.size = short_side_size(height, width, short_side) if height > 0 and width > 0 else (-1, -1)
         self.assembler = WindowAssembler(plan, keep_first)
-        self.queue: "queue.Queue" = queue.Queue(maxsize=max(1, queue_size))
+        # One slot more than the windows it may hold, so that the end marker always fits.
+        self.queue_size = max(1, queue_size)
+        self.queue: "queue.Queue" = queue.Queue(maxsize=self.queue_size + 1)
         self.dropped = self.corrupt = self.frames = self.skipped = 0
         self.anchor = math.inf
         self.error: Optional[BaseException] = None  # a failure before any window: the consumer raises it
@@ -268,10 +280,11 @@ class WindowReader:
 
     def _put(self, window: Window) -> None:
         if self.live:
-            try:
-                self.queue.put_nowait(window)
-            except queue.Full:
+            # Only this thread puts, so the backlog can only shrink between the check and the put.
+            if self.queue.qsize() >= self.queue_size:
                 self.dropped += 1
+            else:
+                self.queue.put_nowait(window)
             return
         while not self._stop.is_set():
             try:

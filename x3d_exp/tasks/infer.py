@@ -225,6 +225,10 @@ def _infer_windows(cfg, job: JobContext, network, inputs: List[str], names, labe
     folder.mkdir(parents=True, exist_ok=True)
     taken: set = set()
     failed = interrupted = 0
+    # Compile the network now, at the batch shape of the windows, not on a live stream's first window.
+    size = sizes["test_crop_size"]
+    forward(network, np.zeros((1, 3, sizes["num_frames"], size, size), np.float32),
+            max(1, batch_size // crops) * crops)
 
     def emit(line: str) -> None:
         sys.stdout.write(line + "\n")

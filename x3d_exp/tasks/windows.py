@@ -179,8 +179,11 @@ def label_windows(source: str, network, names: Optional[List[str]], num_classes:
     Ctrl+C stops the source, and the outputs and summary of the windows labelled so far are still written (the
     summary then says `"interrupted": true`)."""
     started = time.time()
-    container = open_source(source)
     live = is_live(source)
+    if live:
+        print(f"note: {source}: reading a live source (windows are dropped if more than {queue_size} wait)",
+              file=sys.stderr, flush=True)
+    container = open_source(source)
     size = sizes["test_crop_size"]
     plan = WindowPlan(source_fps(container, target_fps), sizes["num_frames"], sizes["sampling_rate"],
                       target_fps, stride)
