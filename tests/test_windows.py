@@ -20,11 +20,11 @@ PLAN = WindowPlan(fps=25.0, num_frames=4, sampling_rate=12, target_fps=30.0, str
 
 def test_window_plan_matches_the_test_clip_and_knows_which_frames_are_needed():
     assert PLAN.step == pytest.approx(10.0)
-    assert PLAN.span == pytest.approx(1.6)
+    assert PLAN.span == pytest.approx(1.24)  # from frame 0 to the end of frame 30
     # Window 0 is the test clip of a video exactly one window long.
     np.testing.assert_array_equal(PLAN.indices(0), clip_frame_indices(40, 25.0, 4, 12, 30.0, 0.5))
     np.testing.assert_array_equal(PLAN.indices(3), [22, 32, 42, 52])  # starts at 0.9 s = frame 22.5
-    assert (PLAN.start(3), PLAN.end(3)) == (pytest.approx(0.9), pytest.approx(2.5))
+    assert (PLAN.start(3), PLAN.end(3)) == (pytest.approx(0.9), pytest.approx(2.14))
     needed = {int(i) for w in range(80) for i in PLAN.indices(w)}
     for frame in range(500):
         brute = [w for w in range(80) if PLAN.indices(w)[0] <= frame <= PLAN.indices(w)[-1]]
@@ -99,7 +99,7 @@ def test_frames_no_window_needs_are_skipped_and_the_needed_ones_are_exact(clips_
     plan = WindowPlan(fps=30.0, num_frames=4, sampling_rate=12, target_fps=30.0, stride=1.0)
     reader = WindowReader(open_source(path), plan, short_side=64, queue_size=4, live=False, keep_first=False)
     windows = list(reader)
-    assert [w.index for w in windows] == [0, 1, 2]  # windows of 1.6 s every second in 4 s
+    assert [w.index for w in windows] == [0, 1, 2]  # windows of 1.23 s every second in 4 s
     with __import__("av").open(path) as container:
         every = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
     for w in windows:

@@ -11,12 +11,24 @@ import numpy as np
 from x3d_exp.data.synthetic import render
 
 
+# Per class, the frames' pixel range: the first class dark, the second bright. A model that a test can afford to
+# train (a linear classifier on a random X3D's features) tells these apart; the motion alone it does not.
+SHADES = ((0, 110), (145, 255))
+
+
+def shade(frames: np.ndarray, index: int) -> np.ndarray:
+    low, high = SHADES[index % len(SHADES)]
+    return (low + frames.astype(np.float32) * ((high - low) / 255)).astype(np.uint8)
+
+
 def switching_frames(schedule: Sequence[Tuple[str, float]], size: int, fps: int = 30, seed: int = 0,
-                     speed=(0.004, 0.0055)) -> Iterator[np.ndarray]:
-    """Frames [size, size, 3] uint8 of each (class, seconds) of the schedule in turn, a new square per part."""
+                     shades: Sequence[str] = ()) -> Iterator[np.ndarray]:
+    """Frames [size, size, 3] uint8 of each (class, seconds) of the schedule in turn, a new square per part; a class
+    named in `shades` is drawn in the pixel range of its position there (SHADES)."""
     rng = np.random.default_rng(seed)
     for motion, seconds in schedule:
-        yield from render(rng, motion, int(round(seconds * fps)), size, speed=speed)
+        frames = render(rng, motion, int(round(seconds * fps)), size)
+        yield from shade(frames, list(shades).index(motion)) if motion in shades else frames
 
 
 def change_times(schedule: Sequence[Tuple[str, float]]) -> List[float]:

@@ -6,7 +6,8 @@ windows that need it (PyAV); a decoding thread hands finished windows to the net
     for window in reader: ...                      # Window(index, start, end, clip [T, h, w, 3] uint8 or None)
 
 Window i starts at i * stride seconds and holds the model's clip: T frames `sampling_rate * fps / target_fps`
-source frames apart, the frame numbers of `clip_frame_indices` shifted to the window's start.
+source frames apart, the frame numbers of `clip_frame_indices` shifted to the window's start; it ends with its last
+frame, so its centre is the centre of its frames.
 
 What is decoded: a frame no window needs is never converted to RGB, and when its packet is not a reference
 frame (nothing else is predicted from it) FFmpeg is told to skip it outright (`skip_frame=NONREF`, decided per
@@ -36,7 +37,7 @@ from x3d_exp.errors import DataError
 STDIN = "-"
 STREAM_PREFIXES = ("rtsp://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 # How much of a live stream FFmpeg reads to find its streams before the first frame (0.5 s, 64 KiB).
-LIVE_PROBE = {"analyzeduration": "500000", "probesize": "65536"}
+LIVE_PROBE = {"analyzeduration": "500000", "probesize": "32768"}
 # Seconds to wait for a network stream to answer (to open it, then for each read).
 NETWORK_TIMEOUT = (10.0, 10.0)
 
@@ -61,8 +62,9 @@ class WindowPlan:
 
     @property
     def span(self) -> float:
-        """Seconds a window covers."""
-        return self.step * self.num_frames / self.fps
+        """Seconds from a window's first frame to the end of its last one (the window's `end` is what a live
+        window waits for)."""
+        return (self.step * (self.num_frames - 1) + 1) / self.fps
 
     def indices(self, window: int) -> np.ndarray:
         # The small epsilon keeps 0.1 * 30 = 3.0000000004 and 2.9999999996 on the same frame.
