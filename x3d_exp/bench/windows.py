@@ -125,16 +125,20 @@ def main() -> None:
           f"{time.time() - started:.0f} s; {os.cpu_count()} cores, {load()}", flush=True)
     duration = args.minutes * 60
     conv_impl = resolve_cpu_kernels("auto", "CPU")
+    anchors = {}  # decoding alone depends only on the size (X3D-XS and S share theirs)
     for name in args.models.split(","):
         model = build_model(name, num_classes=400, conv_impl=conv_impl)
         model.set_train(False)
         spec = model.spec
         crop = spec.test_crop_size
         height, width = short_side_size(HEIGHT, WIDTH, crop)
-        anchor = decord_every_frame(path, height, width)
-        print(f"{name}: decode only, every frame to {width}x{height}: decord {anchor:.1f} s ({load()})", flush=True)
-        seconds = pyav_every_frame(path, height, width)
-        print(f"{name}: decode only, every frame to {width}x{height}: PyAV {seconds:.1f} s ({load()})", flush=True)
+        if crop not in anchors:
+            anchors[crop] = decord_every_frame(path, height, width)
+            print(f"decode only, every frame to {width}x{height}: decord {anchors[crop]:.1f} s ({load()})",
+                  flush=True)
+            seconds = pyav_every_frame(path, height, width)
+            print(f"decode only, every frame to {width}x{height}: PyAV {seconds:.1f} s ({load()})", flush=True)
+        anchor = anchors[crop]
         plan = WindowPlan(FPS, spec.num_frames, spec.sampling_rate, 30.0, args.stride)
         start = time.time()
         reader = WindowReader(open_source(str(path)), plan, crop, queue_size=64, live=False, keep_first=False)

@@ -24,8 +24,6 @@ import numpy as np
 
 # decord otherwise prints ffmpeg's complaints about every bad file; the loader logs one line per bad file itself.
 decord.logging.set_level(decord.logging.QUIET)
-# Same for PyAV's FFmpeg (a corrupt stretch would print one line per broken macroblock row).
-av.logging.set_level(av.logging.PANIC)
 
 
 class FrameReader(Protocol):
