@@ -4,14 +4,18 @@ decoding seam (decord and PyAV give the same clips)."""
 
 from __future__ import annotations
 
+import json
+
+import mindspore as ms
 import numpy as np
 import pytest
+from mindspore import nn, ops
 
 from tests.data_helpers.long_videos import encode, switching_frames
-from x3d_exp.data.stream import WindowAssembler, WindowPlan, WindowReader, open_source
+from x3d_exp.data.stream import Window, WindowAssembler, WindowPlan, WindowReader, open_source
 from x3d_exp.data.video import clip_frame_indices, read_clips
 from x3d_exp.errors import DataError
-from x3d_exp.tasks.windows import merge_segments, output_name
+from x3d_exp.tasks.windows import VideoWindows, WindowBatches, merge_segments, output_name
 
 # X3D-XS's clip (4 frames, 12 apart at 30 fps) over a 25 fps source, a window every 0.3 s: nothing is a whole
 # number of frames, so rounding errors would show.
@@ -139,3 +143,38 @@ def test_decord_and_pyav_give_the_same_clips(clips_dir, short_side):
     assert decord_clips.shape == pyav_clips.shape == (3, 4, short_side or 64, short_side or 64, 3)
     # The same frames; the RGB conversion and scaler settings of the two builds of FFmpeg may differ slightly.
     assert np.abs(decord_clips.astype(int) - pyav_clips).mean() < 2.0
+
+
+class Brightness(nn.Cell):
+    """A real two-class network: logits (mean - 0.5, 0.5 - mean) * 20 of the normalised clip; counts its batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def construct(self, x):
+        self.batches.append(x.shape[0])
+        mean = ops.mean(x, axis=(1, 2, 3, 4), keep_dims=False).reshape(-1, 1)
+        return ops.concat([mean, -mean], axis=1) * 20
+
+
+def test_windows_are_batched_and_printed_in_order_with_the_missing_ones_in_place():
+    lines = []
+    network = Brightness()
+    results = VideoWindows("v.mp4", ["bright", "dark"], 2)
+    batches = WindowBatches(network, results, size=4, crops=3, per_batch=2, live=False, emit=lines.append,
+                            wall_time=lambda end: 0.0)
+    shade = [255, 0, None, 255, 0]  # window 2 is missing
+    windows = [Window(i, i * 0.5, i * 0.5 + 1, None if s is None else np.full((2, 4, 6, 3), s, np.uint8))
+               for i, s in enumerate(shade)]
+    batches.push(windows[:1], final=False)
+    assert lines == []  # a file waits for a full batch
+    batches.push(windows[1:], final=False)
+    batches.push([], final=True)
+    records = [json.loads(line) for line in lines]
+    assert [r["start"] for r in records] == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert records[2] == {"video": "v.mp4", "start": 1.0, "end": 2.0, "missing": True}
+    assert [r["top5"][0]["label"] for i, r in enumerate(records) if i != 2] == ["bright", "dark", "bright", "dark"]
+    # Batches of 2 windows x 3 crops, the last one padded to the same shape.
+    assert network.batches == [6, 6]
+    assert len(batches.latencies) == 0

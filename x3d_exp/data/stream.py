@@ -241,6 +241,7 @@ class WindowReader:
         self.anchor = math.inf
         self.error: Optional[BaseException] = None  # a failure before any window: the consumer raises it
         self.read_error: Optional[str] = None  # a read failure after some windows: the source ended there
+        self._base = None  # the first frame's timestamp: frame numbers count from it
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._decode, name="window-decoder", daemon=True)
         self._thread.start()
@@ -304,7 +305,6 @@ class WindowReader:
         stream = self.container.streams.video[0]
         codec = stream.codec_context
         time_base = stream.time_base
-        self._base = None
         last = -1
         try:
             for packet in self.container.demux(stream):

@@ -172,6 +172,44 @@ def plot_timeline(path: Path, title: str, centres: np.ndarray, probs: np.ndarray
     plt.close(figure)
 
 
+class WindowBatches:
+    """Finished windows in, lines out: windows batched through the network, each line printed as soon as its batch
+    is back, in window order (a missing window is printed when the windows before it are)."""
+
+    def __init__(self, network, results: VideoWindows, size: int, crops: int, per_batch: int, live: bool,
+                 emit: Callable[[str], None], wall_time: Callable[[float], float]):
+        self.network, self.results, self.size, self.crops, self.per_batch = network, results, size, crops, per_batch
+        self.live, self.emit, self.wall_time = live, emit, wall_time
+        self.waiting: list = []
+        self.latencies: List[float] = []  # live: seconds from a window's end (as wall time) to its line
+
+    def push(self, windows: list, final: bool) -> None:
+        self.waiting.extend(windows)
+        while self.waiting:
+            if self.waiting[0].clip is None:
+                self._done(self.waiting.pop(0), None)
+                continue
+            batch = []
+            while len(batch) < min(self.per_batch, len(self.waiting)) and self.waiting[len(batch)].clip is not None:
+                batch.append(self.waiting[len(batch)])
+            # Live: run what is there now (waiting for a full batch would add its fill time to the latency).
+            if len(batch) < self.per_batch and not (final or self.live or len(batch) < len(self.waiting)):
+                return
+            del self.waiting[:len(batch)]
+            self._run(batch)
+
+    def _run(self, batch: list) -> None:
+        views = np.concatenate([normalise(test_crops(w.clip[None], self.size, self.crops)) for w in batch])
+        probs = forward(self.network, views, self.per_batch * self.crops)
+        for window, row in zip(batch, probs.reshape(len(batch), self.crops, -1).mean(axis=1)):
+            self._done(window, row)
+
+    def _done(self, window, probs: Optional[np.ndarray]) -> None:
+        self.emit(json.dumps(self.results.add(window.start, window.end, probs)))
+        if self.live:
+            self.latencies.append(time.time() - self.wall_time(window.end))
+
+
 def label_windows(source: str, network, names: Optional[List[str]], num_classes: int, *, sizes: dict,
                   stride: float, crops: int, batch_size: int, target_fps: float, decode_threads: int,
                   queue_size: int, folder: Path, name: str, emit: Callable[[str], None]) -> dict:
@@ -192,47 +230,14 @@ def label_windows(source: str, network, names: Optional[List[str]], num_classes:
     keep_first = live or duration is None or duration < plan.span + 2 / plan.fps
     reader = WindowReader(container, plan, size, queue_size, live, decode_threads, keep_first)
     results = VideoWindows(source, names, num_classes)
-    per_batch = max(1, batch_size // crops)
-    latencies: List[float] = []
-    padded = False
-
-    def done(record: dict, end: float) -> None:
-        emit(json.dumps(record))
-        if live:
-            latencies.append(time.time() - (reader.anchor + end))
-
-    def run(batch) -> None:
-        views = np.concatenate([normalise(test_crops(w.clip[None], size, crops)) for w in batch])
-        probs = forward(network, views, per_batch * crops).reshape(len(batch), crops, -1).mean(axis=1)
-        for window, row in zip(batch, probs):
-            done(results.add(window.start, window.end, row), window.end)
-
-    waiting = []
-
-    def flush(final: bool) -> None:
-        while waiting:
-            if waiting[0].clip is None:
-                window = waiting.pop(0)
-                done(results.add(window.start, window.end, None), window.end)
-                continue
-            batch = []
-            while len(batch) < per_batch and len(batch) < len(waiting) and waiting[len(batch)].clip is not None:
-                batch.append(waiting[len(batch)])
-            # Live: run what is there now (waiting for a full batch would add its fill time to the latency).
-            if len(batch) < per_batch and not (final or live or len(batch) < len(waiting)):
-                return
-            del waiting[:len(batch)]
-            run(batch)
-
-    interrupted = False
+    batches = WindowBatches(network, results, size, crops, max(1, batch_size // crops), live, emit,
+                            lambda end: reader.anchor + end)
+    interrupted = padded = False
     try:
         for window in reader:
             padded = padded or window.padded
-            waiting.append(window)
-            if live:
-                waiting.extend(reader.pending())
-            flush(final=False)
-        flush(final=True)
+            batches.push([window, *(reader.pending() if live else [])], final=False)
+        batches.push([], final=True)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -256,7 +261,7 @@ def label_windows(source: str, network, names: Optional[List[str]], num_classes:
                "segments": len(outputs["segments"]),
                **{key: outputs[key] for key in ("csv", "segments_csv", "timeline")}}
     if live:
-        finite = [lat for lat in latencies if math.isfinite(lat)]
+        finite = [lat for lat in batches.latencies if math.isfinite(lat)]
         summary["latency"] = ({"mean": round(float(np.mean(finite)), 3), "max": round(float(np.max(finite)), 3)}
                               if finite else None)
     if interrupted:
