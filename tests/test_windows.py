@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import nn, ops

@@ -238,8 +238,8 @@ def _infer_windows(cfg, job: JobContext, network, inputs: List[str], names, labe
         try:
             summary = label_windows(source, network, names, num_classes, sizes=sizes, stride=stride, crops=crops,
                                     batch_size=batch_size, target_fps=float(cfg.data.target_fps),
-                                    decode_threads=decode_threads(cfg.data.decode_threads, 1), queue_size=queue_size, folder=folder, name=output_name(source, taken),
-                                    emit=emit)
+                                    decode_threads=decode_threads(cfg.data.decode_threads, 1),
+                                    queue_size=queue_size, folder=folder, name=output_name(source, taken), emit=emit)
         except DataError as err:
             if is_live(source) and len(inputs) == 1:
                 raise  # an unreachable stream or a missing camera: one error line, exit 2
