@@ -154,13 +154,13 @@ def test_bad_stretch_short_video_and_three_crops(model):
     assert final["window_crops"] == 3
 
 
-@pytest.mark.parametrize("source, reason", [("rtsp://127.0.0.1:9/live", "cannot open the stream"),
-                                            ("/dev/video97", "")])
-def test_an_unreachable_stream_or_missing_camera_is_one_error_line(model, source, reason):
+def test_an_unreachable_stream_is_one_error_line(model):
+    """(A missing camera takes the same path: tests/test_windows.py checks its DataError in process.)"""
+    source = "rtsp://127.0.0.1:9/live"
     done = run_infer(model, "unreachable", f"infer.inputs=['{source}']", "infer.window_stride=1")
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: {source}: ") and reason in errors[0], done.stderr
+    assert len(errors) == 1 and errors[0].startswith(f"error: {source}: cannot open the stream"), done.stderr
 
 
 WRITER = """
