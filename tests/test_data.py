@@ -495,22 +495,21 @@ def test_several_training_clips_per_video_come_from_one_decode_each_augmented_on
 
 
 def count_decoder_calls(monkeypatch, log: Path):
-    """Make every decord reader the loader opens, in this process and in the worker processes it forks, a real
+    """Make every clip reader the loader opens, in this process and in the worker processes it forks, a real decord
     reader that appends one line per open and per `get_batch` to `log`; returns a function counting the lines."""
-    import decord
-
     from x3d_exp.data import video
+    from x3d_exp.data.decoders import DecordReader
 
-    class CountingReader(decord.VideoReader):
+    class CountingReader(DecordReader):
         def get_batch(self, indices):
             with open(log, "a") as out:
                 out.write(f"get_batch {self._path}\n")
             return super().get_batch(indices)
 
-    def counting_open(path, width, height, num_threads):
+    def counting_open(path, width, height, num_threads, decoder="decord"):
         with open(log, "a") as out:
             out.write(f"open {path}\n")
-        reader = CountingReader(path, width=width, height=height, num_threads=num_threads)
+        reader = CountingReader(path, width, height, num_threads)
         reader._path = path
         return reader
 

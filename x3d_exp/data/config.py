@@ -54,6 +54,9 @@ class DataConfig:
     # 1 worker, 1 when the workers fill the cores). 1: two threads measured no faster on 2 shared cores
     # (docs/performance.md).
     decode_threads: Any = 1
+    # decord | pyav: the backend that decodes training and test clips (x3d_exp.data.decoders). decord seeks to the
+    # keyframe before each clip; pyav decodes each file forward from its start.
+    decoder: str = "decord"
     # K clips from one decode of a training video, each augmented on its own (PySlowFast's AUG.NUM_SAMPLE): an epoch
     # has K x videos clips; data.batch_size counts clips and must be a multiple of K.
     train_clips_per_video: int = 1

@@ -29,6 +29,7 @@ import numpy as np
 from x3d_exp.data.datasets import VideoList, dataset_layout, load_split
 from x3d_exp.data.badlog import BadVideoLog
 from x3d_exp.data.config import valid_num_workers
+from x3d_exp.data.decoders import DECODERS
 from x3d_exp.data.transforms import normalise, test_crops, train_crop, view_crop
 from x3d_exp.data.video import BadVideo, probe_size, read_clips, resize_frames, short_side_size
 from x3d_exp.errors import DataError
@@ -102,6 +103,7 @@ class ClipSpec:
     num_crops: int  # spatial crops per clip (test split)
     train_flip: bool = True  # off where left and right are different classes (data.train_flip)
     decode_threads: int = 1  # ffmpeg threads per reader
+    decoder: str = "decord"  # data.decoder: a key of x3d_exp.data.decoders.DECODERS
 
 
 def train_clips(path: str, spec: ClipSpec, rng: np.random.Generator, count: int) -> np.ndarray:
@@ -115,7 +117,7 @@ def train_clips(path: str, spec: ClipSpec, rng: np.random.Generator, count: int)
              for _ in range(count)]
     positions = [float(rng.random()) for _ in range(count)]
     clips = read_clips(path, max(sides), positions, num_frames=spec.num_frames, sampling_rate=spec.sampling_rate,
-                       target_fps=spec.target_fps, num_threads=spec.decode_threads)
+                       target_fps=spec.target_fps, num_threads=spec.decode_threads, decoder=spec.decoder)
     height, width = probe_size(path)
     windows = [train_crop(clip, spec.crop_size, rng, spec.train_flip, short_side_size(height, width, side))
                for clip, side in zip(clips, sides)]
@@ -126,7 +128,8 @@ def eval_clips(path: str, spec: ClipSpec, num_clips: int) -> np.ndarray:
     """Clips [num_clips, T, h, w, 3] uint8, short side S (the test crop), spread uniformly over the video."""
     positions = [(i + 0.5) / num_clips for i in range(num_clips)]
     return read_clips(path, spec.test_crop_size, positions, num_frames=spec.num_frames,
-                      sampling_rate=spec.sampling_rate, target_fps=spec.target_fps, num_threads=spec.decode_threads)
+                      sampling_rate=spec.sampling_rate, target_fps=spec.target_fps, num_threads=spec.decode_threads,
+                      decoder=spec.decoder)
 
 
 def eval_views(path: str, spec: ClipSpec, num_clips: int, num_crops: int) -> np.ndarray:
@@ -342,6 +345,13 @@ def decode_threads(setting, workers: int) -> int:
     return max(1, usable_cores() // max(1, workers)) if setting == "auto" else setting
 
 
+def checked_decoder(name) -> str:
+    """`data.decoder`: one of x3d_exp.data.decoders.DECODERS."""
+    if name not in DECODERS:
+        raise DataError(f"data.decoder={name}: must be one of {', '.join(DECODERS)}")
+    return name
+
+
 def _check_sizes(num_frames, sampling_rate, crop_size, test_crop_size, train_scale) -> Tuple[int, int]:
     for key, value in (("num_frames", num_frames), ("sampling_rate", sampling_rate), ("crop_size", crop_size),
                        ("test_crop_size", test_crop_size)):
@@ -378,7 +388,8 @@ def build_loader(data_cfg, split: str, *, num_frames: int, sampling_rate: int, c
     spec = ClipSpec(int(num_frames), int(sampling_rate), int(crop_size), int(test_crop_size), scale,
                     float(data_cfg.target_fps), int(data_cfg.test_num_clips), int(data_cfg.test_num_crops),
                     train_flip=bool(data_cfg.train_flip),
-                    decode_threads=decode_threads(data_cfg.decode_threads, workers))
+                    decode_threads=decode_threads(data_cfg.decode_threads, workers),
+                    decoder=checked_decoder(data_cfg.get("decoder", "decord")))
     if drop_remainder is None:
         drop_remainder = training
     if bad_log_dir:
@@ -421,10 +432,11 @@ def build_loader(data_cfg, split: str, *, num_frames: int, sampling_rate: int, c
 
 
 def load_video_views(path, *, num_frames: int, sampling_rate: int, test_crop_size: int, num_clips: int,
-                     num_crops: int, target_fps: float = 30) -> np.ndarray:
+                     num_crops: int, target_fps: float = 30, decoder: str = "decord") -> np.ndarray:
     """All test views [num_clips * num_crops, 3, T, S, S] float32 of one file (task=infer). Raises DataError."""
     spec = ClipSpec(int(num_frames), int(sampling_rate), int(test_crop_size), int(test_crop_size),
-                    (int(test_crop_size), int(test_crop_size)), float(target_fps), int(num_clips), int(num_crops))
+                    (int(test_crop_size), int(test_crop_size)), float(target_fps), int(num_clips), int(num_crops),
+                    decoder=checked_decoder(decoder))
     try:
         return eval_views(str(path), spec, spec.num_clips, spec.num_crops)
     except BadVideo as bad:

@@ -1,6 +1,7 @@
-"""Decoding with decord: only the frames a clip needs, already resized by the decoder.
+"""Clips from video files: only the frames a clip needs, already resized by the decoder (decord or PyAV, behind
+x3d_exp.data.decoders, chosen by `data.decoder`).
 
-Resizing inside decord (`VideoReader(width=, height=)`, ffmpeg's scaler on each returned frame) measured faster
+Resizing inside the decoder (`VideoReader(width=, height=)`, ffmpeg's scaler on each returned frame) measured faster
 than decoding at full size and resizing in numpy (figures in docs/data.md), but it needs the frame size before the
 reader is opened; a PyAV header probe gives it for ~3 ms and is cached per process. The codec itself still decodes
 at full resolution: H.264 has no reduced-resolution decoding (ffmpeg's `lowres` covers only MPEG-1/2/4 part 2 and
@@ -16,18 +17,14 @@ import re
 from typing import Optional, Sequence, Tuple
 
 import av
-# MindSpore must be loaded before decord: the other order aborts the process inside MindSpore's import
-# ("random_device could not be read", MindSpore 2.10 + decord 0.6.0).
-import mindspore  # noqa: F401  isort: skip
-import mindspore.dataset.vision as vision  # noqa: E402  isort: skip
-import decord  # noqa: E402  isort: skip
+import mindspore.dataset.vision as vision
 import numpy as np
+
+from x3d_exp.data.decoders import FrameReader, open_decoder
 
 # decord 0.6.0 fails ("DECORDArrayCopyFromTo: The size must exactly match") on frames of exactly these widths,
 # resized or native (found by trying every width up to 1300): such frames are decoded one column wider instead.
 _DECORD_BAD_WIDTHS = frozenset({2, 3, 4, 6, 8, 12, 16, 24, 48, 72})
-# decord otherwise prints ffmpeg's complaints about every bad file; the loader logs one line per bad file itself.
-decord.logging.set_level(decord.logging.QUIET)
 
 
 class BadVideo(Exception):
@@ -92,10 +89,10 @@ def clip_frame_indices(video_frames: int, video_fps: float, num_frames: int, sam
     return np.floor(start + step * np.arange(num_frames)).astype(np.int64) % video_frames
 
 
-def open_reader(path: str, width: int, height: int, num_threads: int) -> decord.VideoReader:
-    """The one place a decord reader is opened (each open indexes every packet of the file, ~5 ms for a 10 s clip;
+def open_reader(path: str, width: int, height: int, num_threads: int, decoder: str = "decord") -> FrameReader:
+    """The one place a clip reader is opened (a decord open indexes every packet of the file, ~5 ms for a 10 s clip;
     the tests count the calls to prove a video is opened once for all of its clips)."""
-    return decord.VideoReader(path, width=width, height=height, num_threads=num_threads)
+    return open_decoder(decoder, path, width, height, num_threads)
 
 
 @functools.lru_cache(maxsize=64)
@@ -114,33 +111,33 @@ def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def read_clips(path: str, short_side: Optional[int], positions: Sequence[float], *, num_frames: int,
-               sampling_rate: int, target_fps: float, num_threads: int = 1) -> np.ndarray:
+               sampling_rate: int, target_fps: float, num_threads: int = 1, decoder: str = "decord") -> np.ndarray:
     """Clips [len(positions), T, h, w, 3] uint8 of one video, short side resized to `short_side` (None: native).
 
-    All clips come from one reader and one `get_batch` of the distinct frames they need (sorted, so decord decodes
-    forward from each keyframe once). `num_threads` are ffmpeg's decoding threads. Raises BadVideo.
+    All clips come from one reader and one `get_batch` of the distinct frames they need (sorted, so the decoder
+    decodes forward from each keyframe once). `num_threads` are ffmpeg's decoding threads. Raises BadVideo.
     """
     height, width = probe_size(path)
     out_h, out_w = short_side_size(height, width, short_side) if short_side else (height, width)
     decode_w = out_w
-    while decode_w in _DECORD_BAD_WIDTHS:
+    while decoder == "decord" and decode_w in _DECORD_BAD_WIDTHS:
         decode_w += 1
     resize = (out_h, decode_w) != (height, width)
     try:
-        reader = open_reader(path, decode_w if resize else -1, out_h if resize else -1, num_threads)
+        reader = open_reader(path, decode_w if resize else -1, out_h if resize else -1, num_threads, decoder)
         video_frames = len(reader)
         if video_frames <= 0:
             raise BadVideo("zero frames")
-        fps = reader.get_avg_fps()
+        fps = reader.fps
         if not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
             fps = target_fps
         indices = np.concatenate([clip_frame_indices(video_frames, fps, num_frames, sampling_rate, target_fps, p)
                                   for p in positions])
         wanted, inverse = np.unique(indices, return_inverse=True)
-        frames = reader.get_batch(wanted.tolist()).asnumpy()
+        frames = reader.get_batch(wanted.tolist())
     except BadVideo:
         raise
-    except Exception as err:  # decord raises RuntimeError / DECORDError / IndexError for broken streams
+    except Exception as err:  # decord raises RuntimeError / DECORDError, PyAV FFmpegError, both IndexError
         raise BadVideo(f"decode failed: {_first_line(err)}") from None
     if frames.shape != (len(wanted), out_h, decode_w, 3):
         raise BadVideo(f"decoder returned frames {frames.shape}, expected {(len(wanted), out_h, decode_w, 3)}")

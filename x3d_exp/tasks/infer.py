@@ -28,19 +28,19 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import numpy as np
-import mindspore as ms
 from omegaconf import DictConfig, OmegaConf
 
 from x3d_exp.config import JobContext, input_sizes
 from x3d_exp.data import load_video_views
 from x3d_exp.data.datasets import SPLITS, dataset_layout, load_split
+from x3d_exp.data.loader import decode_threads
+from x3d_exp.data.stream import is_live
 from x3d_exp.engine.build import build_network, setup_context
-from x3d_exp.engine.evaluate import softmax
 from x3d_exp.errors import DataError, UserError, WeightsError
 from x3d_exp.models.fuse import inference_network
+from x3d_exp.tasks.windows import forward, label_windows, output_name, top_k
 from x3d_exp.weights import load_params, read_params
 
-TOP_K = 5
 OUTPUTS = ("auto", "json", "table")
 
 
@@ -87,12 +87,6 @@ def dataset_labels(data: DictConfig, num_classes: int) -> Tuple[Optional[List[st
     return None, reasons[0]
 
 
-def top_k(probs: np.ndarray, names: Optional[List[str]]) -> List[dict]:
-    # Stable sort: equal probabilities keep class order, so the output is reproducible.
-    order = np.argsort(-probs, kind="stable")[:TOP_K]
-    return [{"label": names[i] if names else None, "index": int(i), "prob": float(probs[i])} for i in order]
-
-
 def format_table(record: dict, views: int) -> str:
     rows = [f"{record['video']}  ({views} views)", "  rank    prob  index  label"]
     for rank, entry in enumerate(record["top5"], start=1):
@@ -110,12 +104,7 @@ class _Video:
 
 
 def _predict(network, rows: List[Tuple[_Video, np.ndarray]], batch_size: int) -> None:
-    batch = np.stack([view for _, view in rows])
-    if len(rows) < batch_size:
-        # One batch shape for the whole run: graph mode would compile the network again for a smaller batch.
-        batch = np.concatenate([batch, np.zeros((batch_size - len(rows), *batch.shape[1:]), batch.dtype)])
-    logits = network(ms.Tensor(batch)).asnumpy()[:len(rows)]
-    for (video, _), probs in zip(rows, softmax(logits.astype(np.float64))):
+    for (video, _), probs in zip(rows, forward(network, np.stack([view for _, view in rows]), batch_size)):
         video.prob_sum = video.prob_sum + probs
         video.remaining -= 1
 
@@ -140,6 +129,7 @@ def task_infer(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
     batch_size = int(options.get("batch_size") or data.eval_batch_size or data.batch_size)
     if batch_size < 1:
         raise UserError(f"infer.batch_size={batch_size}: must be >= 1")
+    stride, crops = _window_options(options)
 
     params = read_params(ckpt)
     num_classes = int(params["head.proj.weight"].shape[0]) if "head.proj.weight" in params else int(data.num_classes)
@@ -162,9 +152,13 @@ def task_infer(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
     network.set_train(False)
     sizes = input_sizes(cfg, network.spec)
     network = inference_network(network)
+    if stride is not None:
+        return _infer_windows(cfg, job, network, inputs, names, label_source, num_classes, sizes, batch_size,
+                              stride, crops, started)
     view_args = dict(num_frames=sizes["num_frames"], sampling_rate=sizes["sampling_rate"],
                      test_crop_size=sizes["test_crop_size"], num_clips=int(data.test_num_clips),
-                     num_crops=int(data.test_num_crops), target_fps=float(data.target_fps))
+                     num_crops=int(data.test_num_crops), target_fps=float(data.target_fps),
+                     decoder=str(data.get("decoder", "decord")))
 
     def emit(video: _Video) -> None:
         record = {"video": video.path, "top5": top_k(video.prob_sum / video.views, names)}
@@ -203,6 +197,66 @@ def task_infer(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
                "videos": len(inputs), "failed": failed, "seconds": round(time.time() - started, 1)}
     if failed:
         # The summary still closes stdout for scripts; the error then sets exit status 2 like other user errors.
+        print(json.dumps(summary), flush=True)
+        raise UserError(f"{failed} of {len(inputs)} inputs could not be read (named above)")
+    return summary
+
+
+def _window_options(options) -> Tuple[Optional[float], int]:
+    """(infer.window_stride or None, infer.window_crops), checked."""
+    stride = options.get("window_stride")
+    crops = options.get("window_crops") or 1
+    if crops not in (1, 3):
+        raise UserError(f"infer.window_crops={crops}: must be 1 (the centre crop) or 3 (the test protocol's crops)")
+    if stride is None:
+        return None, crops
+    if isinstance(stride, bool) or not isinstance(stride, (int, float)) or not stride > 0:
+        raise UserError(f"infer.window_stride={stride}: must be a number of seconds > 0")
+    return float(stride), int(crops)
+
+
+def _infer_windows(cfg, job: JobContext, network, inputs: List[str], names, label_source, num_classes: int,
+                   sizes: dict, batch_size: int, stride: float, crops: int, started: float) -> dict:
+    """`infer.window_stride` set: every input labelled window by window (x3d_exp.tasks.windows)."""
+    queue_size = int(cfg.infer.get("queue_size") or 2 * max(1, batch_size // crops))
+    if queue_size < 1:
+        raise UserError(f"infer.queue_size={queue_size}: must be >= 1")
+    folder = Path(job.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    taken: set = set()
+    failed = interrupted = 0
+    # Compile the network now, at the batch shape of the windows, not on a live stream's first window.
+    size = sizes["test_crop_size"]
+    forward(network, np.zeros((1, 3, sizes["num_frames"], size, size), np.float32),
+            max(1, batch_size // crops) * crops)
+
+    def emit(line: str) -> None:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    for source in inputs:
+        try:
+            summary = label_windows(source, network, names, num_classes, sizes=sizes, stride=stride, crops=crops,
+                                    batch_size=batch_size, target_fps=float(cfg.data.target_fps),
+                                    decode_threads=decode_threads(cfg.data.decode_threads, 1),
+                                    queue_size=queue_size, folder=folder, name=output_name(source, taken), emit=emit)
+        except DataError as err:
+            if is_live(source) and len(inputs) == 1:
+                raise  # an unreachable stream or a missing camera: one error line, exit 2
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            failed += 1
+            continue
+        emit(json.dumps(summary))
+        if summary.get("interrupted"):
+            interrupted = 1
+            break
+
+    summary = {"task": "infer", "model": cfg.model.name, "ckpt": cfg.ckpt, "num_classes": num_classes,
+               "window_stride": stride, "window_crops": crops, "labels": label_source, "videos": len(inputs),
+               "failed": failed, "seconds": round(time.time() - started, 1)}
+    if interrupted:
+        summary["interrupted"] = True
+    if failed:
         print(json.dumps(summary), flush=True)
         raise UserError(f"{failed} of {len(inputs)} inputs could not be read (named above)")
     return summary
