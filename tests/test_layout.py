@@ -21,6 +21,7 @@ LAYERS = {"x3d_exp.errors": 0, "x3d_exp.env": 0,
           "x3d_exp.distributed": 1,
           "x3d_exp.models": 2, "x3d_exp": 2,  # the package itself re-exports build_model
           "x3d_exp.engine": 3, "x3d_exp.tracking": 3,
+          "x3d_exp.search": 4,
           "x3d_exp.tasks": 4, "x3d_exp.distributed.msrun": 4,
           "x3d_exp.cli": 5, "x3d_exp.hydra_plugins": 5}
 SIDE_BRANCH = "x3d_exp.bench"

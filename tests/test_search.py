@@ -1,4 +1,4 @@
-"""X3D's progressive expansion search (x3d_exp.tracking.search, hydra_plugins.x3d_exp_search): the algorithm on its
+"""X3D's progressive expansion search (x3d_exp.search.progressive, hydra_plugins.x3d_exp_search): the algorithm on its
 own, and whole searches through the real CLI, Hydra's joblib and submitit_local launchers and a real sqlite store."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from tests.cli_helpers import (REPO, TINY_DATA, artifact_paths, cli_env, compose_config, final_json, run_cli,
                                store_uri)
 from x3d_exp.config import FACTORS
-from x3d_exp.tracking.search import (AXIS_STEPS, Candidate, ProgressiveSearch, SearchFailed, SearchSettings, choose,
+from x3d_exp.search.progressive import (AXIS_STEPS, Candidate, ProgressiveSearch, SearchFailed, SearchSettings, choose,
                                      contract, expand, factor_key, trained_gmacs)
 
 X2D = {name: 1.0 for name in FACTORS}

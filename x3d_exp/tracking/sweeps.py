@@ -50,7 +50,7 @@ log = logging.getLogger("x3d_exp.tracking.sweeps")
 PARENT_FILE = "mlflow_parent_run_id"
 SUMMARY_CSV = "sweep_summary.csv"
 SUMMARY_PLOT = "top1_vs_gmacs.png"
-# A search sweeper's own account of the sweep (x3d_exp.tracking.search), which the sweep's last line begins with.
+# A search sweeper's own account of the sweep (x3d_exp.search.progressive), which the sweep's last line begins with.
 SEARCH_RESULT = "search_result.json"
 # Tags of a search candidate's child run, from the job's sweep.step and sweep.axis.
 STEP_TAG, AXIS_TAG = "sweep.step", "sweep.axis"

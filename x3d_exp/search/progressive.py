@@ -27,7 +27,7 @@ from x3d_exp.errors import ConfigError
 from x3d_exp.tracking.plots import plot_expansion_path
 from x3d_exp.tracking.sweeps import AXIS_TAG, PARENT_FILE, SEARCH_RESULT, STEP_TAG, as_float, best_val_top1
 
-log = logging.getLogger("x3d_exp.tracking.search")
+log = logging.getLogger("x3d_exp.search.progressive")
 
 # One step per axis, from the paper and its published variants (each roughly doubles the GMACs). gamma_tau is
 # the frame rate at constant duration: its step multiplies the frames and divides the sampling stride.
