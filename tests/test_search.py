@@ -123,6 +123,51 @@ def test_a_failed_candidate_is_skipped_and_a_failed_step_stops_the_search():
         search.run()
 
 
+def test_the_loop_goes_on_from_the_axis_the_rule_chooses():
+    """Step 1: gamma_s gains most per GMAC, gamma_w most in all; step 2 grows from the one the rule chose."""
+    outcomes = {"start": (0.3, 1.0), "gamma_s": (0.5, 1.5), "gamma_w": (0.6, 3.0)}
+    for rule, axis in (("gain_per_gmac", "gamma_s"), ("accuracy", "gamma_w")):
+        search, _ = _search(outcomes, steps=1, axes=("gamma_s", "gamma_w"), rule=rule)
+        assert search.run().axis == axis
+        assert [c.chosen for c in search.candidates] == [True, axis == "gamma_s", axis == "gamma_w"]
+
+
+def _costed_search(target, trained=None, steps=3):
+    """A search whose cost is the width factor in GMACs, each candidate 'training' to that cost; `trained` gives
+    the status of the contracted candidate."""
+    launched = []
+
+    def launch(batch):
+        for candidate in batch:
+            launched.append(candidate)
+            failed = candidate.axis.startswith("contract") and trained == "FAILED"
+            candidate.status = "FAILED" if failed else "FINISHED"
+            candidate.val_top1, candidate.gmacs = 0.5, candidate.factors["gamma_w"]
+
+    search = ProgressiveSearch(SearchSettings(steps=steps, target_gmacs=target, axes=("gamma_w",)), X2D, launch,
+                               cost=lambda factors: factors["gamma_w"])
+    return search, launched
+
+
+def test_the_search_stops_at_the_target_and_contracts_an_overshoot():
+    search, launched = _costed_search(target=3.0)
+    found = search.run()
+    # 1 -> 2 -> 4 overshoots 3: the last step is contracted to the widest model that costs at most 3.
+    assert [c.axis for c in launched] == ["start", "gamma_w", "gamma_w", "contract gamma_w"]
+    assert found.axis == "contract gamma_w" and 2.9 < found.factors["gamma_w"] <= 3.0
+    assert [c.axis for c in search.path][-1] == "contract gamma_w"
+    # Exactly on target: no step past it, nothing to contract.
+    search, launched = _costed_search(target=2.0)
+    assert search.run().factors["gamma_w"] == 2.0 and len(launched) == 2
+
+
+def test_a_failed_contraction_keeps_the_expanded_model():
+    search, launched = _costed_search(target=3.0, trained="FAILED")
+    found = search.run()
+    assert launched[-1].axis == "contract gamma_w" and launched[-1].status == "FAILED"
+    assert found.axis == "gamma_w" and found.factors["gamma_w"] == 4.0
+
+
 def test_finished_candidates_are_reused_not_trained_again():
     outcomes = {"start": (0.3, 1.0), "gamma_t": (0.6, 2.0), "gamma_s": (0.5, 1.5)}
     first, _ = _search(outcomes, steps=2, axes=("gamma_t", "gamma_s"))

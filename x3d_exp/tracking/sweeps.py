@@ -17,12 +17,9 @@ Two pieces, both always on (conf/config.yaml), so ad-hoc sweeps are grouped like
   and the SystemExit of a user error (cli.run_task exits 2) escapes Hydra's run_job altogether, ending the multirun
   in the middle of a batch. Outside a multirun it only calls the task.
 
-Progressive expansion (X3D's search: expand each axis a step, keep the one with the best accuracy per GMAC, repeat)
-fits as a Sweeper plugin (hydra.plugins.sweeper.Sweeper) with this recording unchanged: each round it builds one
-override list per axis from the current factors, calls `self.launcher.launch(batch, initial_job_idx)`, reads every
-job's `return_value` (run_job's dict: status, run_id, val_top1, gmacs, ...) to choose the axis, and goes on from the
-expanded factors. The parent run spans the whole multirun, so every round's jobs become its children and the final
-summary and plot cover the whole path.
+A search sweeper (x3d_exp.search, X3D's progressive expansion) launches its jobs through the same two pieces: every
+candidate is a child run, its run_job dict tells the sweeper how it did, and the sweeper's own account
+(SEARCH_RESULT) opens the sweep's last line.
 """
 
 from __future__ import annotations
