@@ -343,7 +343,7 @@ def test_fallback_warns_once_and_matches(broken_compiler, caplog):
 
     with caplog.at_level(logging.WARNING, logger="x3d_exp.kernels"):
         cells = [channelwise_conv3d(4, (3, 3, 3), (1, 2, 2), impl="auto") for _ in range(3)]
-        assert kernels.resolve_cpu_kernels("auto", "CPU") == "native"
+        assert kernels.resolve_conv_impl("auto", "CPU") == "native"
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
     assert "nn.Conv3d" in warnings[0].getMessage()
@@ -363,18 +363,19 @@ def test_fallback_warns_once_and_matches(broken_compiler, caplog):
     with pytest.raises(KernelBuildError):
         channelwise_conv3d(4, (3, 3, 3), impl="custom")
     with pytest.raises(KernelBuildError):
-        kernels.resolve_cpu_kernels("custom", "CPU")
+        kernels.resolve_conv_impl("custom", "CPU")
 
 
-def test_resolve_cpu_kernels():
-    assert kernels.resolve_cpu_kernels("native", "CPU") == "native"
-    assert kernels.resolve_cpu_kernels("auto", "CPU") == "custom"
-    assert kernels.resolve_cpu_kernels("custom", "cpu") == "custom"
+def test_resolve_conv_impl():
+    assert kernels.resolve_conv_impl("native", "CPU") == "native"
+    assert kernels.resolve_conv_impl("auto") == "custom"  # the device MindSpore runs on: the CPU here
+    assert kernels.resolve_conv_impl("auto", "CPU") == "custom"
+    assert kernels.resolve_conv_impl("custom", "cpu") == "custom"
     for device in ("GPU", "Ascend"):
         for setting in kernels.SETTINGS:
-            assert kernels.resolve_cpu_kernels(setting, device) == "native"
+            assert kernels.resolve_conv_impl(setting, device) == "native"
     with pytest.raises(ValueError):
-        kernels.resolve_cpu_kernels("fast", "CPU")
+        kernels.resolve_conv_impl("fast", "CPU")
 
 
 def test_cache_key_and_parallel_builds(tmp_path, monkeypatch):

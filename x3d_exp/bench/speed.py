@@ -127,10 +127,10 @@ class MindSporeRunner:
 
         ms.set_context(mode=ms.GRAPH_MODE)
         ms.set_device("CPU")
-        from x3d_exp.kernels import resolve_cpu_kernels
+        from x3d_exp.kernels import resolve_conv_impl
 
         self.ms = ms
-        self.conv_impl = resolve_cpu_kernels(kernels, "CPU")
+        self.conv_impl = resolve_conv_impl(kernels, "CPU")
         self.fuse = fuse and self.conv_impl != "native"
         self.variant = None
         self.net = None

@@ -9,7 +9,7 @@ its builder; `create_x3d` derives the defaults from the factors.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Optional, Sequence, Tuple
 
 from mindspore import nn, ops
@@ -81,7 +81,7 @@ def _bn_act(channels: int, activation: Optional[str], impl: str = "native",
     memory and the activation cell is an identity.
     """
     gamma_init = "zeros" if zero_init else "ones"
-    if kernels.use_kernels(impl):
+    if kernels.resolve_conv_impl(impl) == "custom":
         from x3d_exp.kernels.ops import BatchNormAct3d
 
         return BatchNormAct3d(channels, BN_EPS, BN_MOMENTUM, gamma_init, activation), nn.Identity()
@@ -99,7 +99,7 @@ def channelwise_conv3d(channels: int, kernel_size: Sequence[int], stride: Sequen
     """
     if padding is None:
         padding = tuple(k // 2 for k in kernel_size)
-    if not kernels.use_kernels(impl):
+    if kernels.resolve_conv_impl(impl) != "custom":
         return _conv3d(channels, channels, tuple(kernel_size), tuple(stride), tuple(padding), group=channels)
     from x3d_exp.kernels.ops import ChannelwiseConv3d
 
@@ -149,7 +149,7 @@ class SqueezeExcite(nn.Cell):
 
     def __init__(self, channels: int, se_width: int, activation: Optional[str] = None, impl: str = "native"):
         super().__init__()
-        if kernels.use_kernels(impl):
+        if kernels.resolve_conv_impl(impl) == "custom":
             from x3d_exp.kernels.ops import ChannelMean, Gate as KernelGate
 
             self.squeeze, self.excite = ChannelMean(), KernelGate(activation)
@@ -344,7 +344,6 @@ class X3DSpec:
     dropout: float = 0.5
     # "auto": the CPU kernels when MindSpore runs on the CPU and they build here, else nn.Conv3d (x3d_exp.kernels).
     conv_impl: str = "auto"
-    derived: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         for name in FACTORS:
@@ -391,20 +390,13 @@ class X3DSpec:
             raise FactorError("model.stage_widths, model.inner_widths and model.stage_depths must have equal length")
         if not 0 <= self.dropout < 1:
             raise FactorError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.conv_impl == "auto":
-            # Resolved here, so the built network records the backend it really uses (fuse.inference_network
-            # reads it). MindSpore's own channelwise Conv3d runs one oneDNN call per channel on the CPU.
-            import mindspore as ms
-
-            self.conv_impl = kernels.resolve_cpu_kernels("auto", ms.get_context("device_target"))
+        # Resolved here, so the built network records the backend it really uses (fuse.inference_network reads
+        # it). MindSpore's own channelwise Conv3d runs one oneDNN call per channel on the CPU.
+        self.conv_impl = kernels.resolve_conv_impl(self.conv_impl)
 
     @property
     def input_shape(self):
         return [3, self.num_frames, self.crop_size, self.crop_size]
-
-    def as_dict(self):
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in fields(self) if f.name != "derived"}
 
 
 def create_x3d(spec: X3DSpec) -> X3D:
