@@ -266,7 +266,11 @@ class SeededDropout(nn.Cell):
     def __init__(self, p: float):
         super().__init__()
         self.p = p
-        # The seeds nn.Dropout derives from the global seed (MindSpore's own helper; unseeded, they are random).
+        # The seeds nn.Dropout itself derives from the global seed. MindSpore's private helper is kept on purpose:
+        # 2.10's public API gives only the global seed (mindspore.get_seed), not the per-op second seed this helper
+        # counts per kernel name (so each dropout cell gets its own stream, the same in every process), nor its
+        # (0, 0) = random when unseeded. Re-deriving that here would be a copy of it; mindspore.Generator streams
+        # (ops.rand(generator=...)) would be a different convention from nn.Dropout's.
         seed, seed2 = _get_graph_seed(0, "dropout")
         self.uniform = ops.UniformReal(seed=seed, seed2=seed2)
 
