@@ -28,7 +28,6 @@ from omegaconf import DictConfig
 from x3d_exp.config import JobContext
 from x3d_exp.distributed import RESULT_FILE
 from x3d_exp.engine.checkpoint import resolve_resume
-from x3d_exp.env import under_msrun
 from x3d_exp.errors import LaunchError, UserError
 from x3d_exp.tracking import ADOPT_ENV, Tracker
 
@@ -46,11 +45,6 @@ STOP_GRACE_S = 5
 
 def world_size(cfg: DictConfig) -> int:
     return int(cfg.launcher.nproc) * int(cfg.launcher.nnodes)
-
-
-def needs_launch(cfg: DictConfig) -> bool:
-    """True in the process the user started with a world size above 1; false inside msrun's processes."""
-    return world_size(cfg) > 1 and not under_msrun()
 
 
 def check_launcher(cfg: DictConfig) -> None:

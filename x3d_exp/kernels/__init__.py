@@ -9,7 +9,7 @@ two passes. They are compiled on first use and cached (see `build`).
 - `resolve_conv_impl(setting, device)`: the one rule from a `conv_impl` / `model.cpu_kernels` setting
   (`auto|native|custom`) to the backend the layers are built with, "custom" or "native".
 - `ops.ChannelwiseConv3d`: the channelwise conv layer (x3d_exp.models.x3d decides when to use it).
-- `ops.BatchNormAct3d`, `ops.ChannelMean`, `ops.Gate`: the fused layers.
+- `ops.BatchNormAct3d`, `ops.ChannelMean`, `ops.FusedGate`: the fused layers.
 """
 
 from __future__ import annotations

@@ -150,9 +150,9 @@ class SqueezeExcite(nn.Cell):
     def __init__(self, channels: int, se_width: int, activation: Optional[str] = None, impl: str = "native"):
         super().__init__()
         if kernels.resolve_conv_impl(impl) == "custom":
-            from x3d_exp.kernels.ops import ChannelMean, Gate as KernelGate
+            from x3d_exp.kernels.ops import ChannelMean, FusedGate
 
-            self.squeeze, self.excite = ChannelMean(), KernelGate(activation)
+            self.squeeze, self.excite = ChannelMean(), FusedGate(activation)
         else:
             self.squeeze, self.excite = GlobalMean(), Gate(activation)
         self.fc1 = _conv3d(channels, se_width, 1, has_bias=True)
@@ -454,3 +454,12 @@ def build_model(name: str = "custom", num_classes: int = 400, **overrides) -> X3
     if unknown:
         raise FactorError(f"unknown model option(s): {', '.join(sorted(unknown))}")
     return create_x3d(X3DSpec(**kwargs))
+
+
+def build_from_config(model, num_classes: int, conv_impl: Optional[str] = None) -> X3D:
+    """The network of a composed `model` config group (x3d_exp.config.ModelConfig): its keys are `build_model`'s
+    (null sizes derive from the factors), and `model.cpu_kernels` is the `conv_impl` unless one is given."""
+    options = {key: (list(value) if isinstance(value, Sequence) and not isinstance(value, str) else value)
+               for key, value in model.items()}
+    name, cpu_kernels = options.pop("name"), options.pop("cpu_kernels")
+    return build_model(name, num_classes=num_classes, conv_impl=conv_impl or cpu_kernels, **options)

@@ -291,15 +291,14 @@ def trained_gmacs(config, factors: Dict[str, float]) -> float:
     """GMACs of the model with these factors at the clip the run's data group would train it on."""
     from omegaconf import OmegaConf
 
-    from x3d_exp.config import input_sizes, model_kwargs, train_clip
+    from x3d_exp.config import input_sizes, train_clip
     from x3d_exp.data.loader import resolve_num_classes
-    from x3d_exp.models import build_model
+    from x3d_exp.models import build_from_config
     from x3d_exp.models.summary import trace_network
 
     cfg = OmegaConf.merge(OmegaConf.masked_copy(config, ["model", "data"]), {"model": factors})
     # data=folder leaves the count null: its jobs size the head from the class folders, so the cost does too.
-    net = build_model(cfg.model.name, num_classes=resolve_num_classes(cfg.data), conv_impl="native",
-                      **model_kwargs(cfg))
+    net = build_from_config(cfg.model, resolve_num_classes(cfg.data), conv_impl="native")
     return trace_network(net, train_clip(input_sizes(cfg, net.spec))).gmacs
 
 
