@@ -19,7 +19,7 @@ compared with the machine's copy bandwidth.
 The PyTorch side needs `pip install -e .[bench]` (torch CPU, pytorchvideo);
 without it, `--no-torch` times ours alone.
 
-Modules: cases (what is timed), workers (a process per framework), mindspore_runner and torch_runner (the two
-frameworks' steps), torchvision_stub, memory (peak RSS), profile (MindSpore's profiler by layer type), machine
+Modules: cases (what is timed), workers (a process per framework), runner, mindspore_runner and torch_runner (the
+two frameworks' steps), torchvision_stub, memory (peak RSS), profile (MindSpore's profiler by layer type), machine
 (description and copy bandwidth), tables (the printed report), driver (run and the command line).
 """

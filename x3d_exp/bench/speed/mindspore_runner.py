@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import time
+import math
 
-from x3d_exp.bench.speed.cases import CASES, LEARNING_RATE, MODEL_NAMES, MOMENTUM, NUM_CLASSES, WARMUP
-from x3d_exp.bench.speed.memory import peak_mb, reset_peak
+from x3d_exp.bench.speed.cases import CASES, LEARNING_RATE, MODEL_NAMES, MOMENTUM, NUM_CLASSES
+from x3d_exp.bench.speed.runner import StepRunner
 from x3d_exp.bench.speed.profile import profile_steps
 
 
-class MindSporeRunner:
+class MindSporeRunner(StepRunner):
     """Our X3D in GRAPH mode: `nn.TrainOneStepCell` for training; for inference the eval-mode net, with its
     BatchNorms folded into the channelwise convs (`x3d_exp.models.fuse`) when `fuse` and the kernels are on."""
 
@@ -64,20 +64,10 @@ class MindSporeRunner:
                 self.fused = fuse_for_inference(self.net)
             net = self.fused if self.fuse else self.net
             self.step = lambda: net(x).asnumpy()
-        for _ in range(WARMUP):
-            self.step()
-        reset_peak()
+        self.warm_up()
         params = int(sum(p.size for p in self.net.trainable_params()))
         shape = [batch, 3, spec.num_frames, spec.crop_size, spec.crop_size]
         return {"params": params, "conv_impl": self.conv_impl, "fused": self.fuse and not train, "input": shape}
-
-    def time_one(self) -> float:
-        start = time.perf_counter()
-        self.step()
-        return time.perf_counter() - start
-
-    def peak(self) -> dict:
-        return peak_mb()
 
     def profile(self, steps: int = 2) -> dict:
         """Op time per step by op type and direction, from MindSpore's profiler on the current case."""
@@ -89,12 +79,6 @@ class MindSporeRunner:
 
         spec = self.net.spec
         count = trace_network(self.net, [3, spec.num_frames, spec.crop_size, spec.crop_size])
-        return {layer.name: [int(_prod(layer.in_shape)), int(_prod(layer.out_shape)), int(layer.params)]
+        return {layer.name: [math.prod(map(int, layer.in_shape)), math.prod(map(int, layer.out_shape)),
+                             int(layer.params)]
                 for layer in count.layers if layer.kind == "conv_channelwise"}
-
-
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out

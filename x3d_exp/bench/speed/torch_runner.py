@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
-from x3d_exp.bench.speed.cases import CASES, LEARNING_RATE, MODEL_NAMES, MOMENTUM, NUM_CLASSES, WARMUP
-from x3d_exp.bench.speed.memory import peak_mb, reset_peak
+from x3d_exp.bench.speed.cases import CASES, LEARNING_RATE, MODEL_NAMES, MOMENTUM, NUM_CLASSES
+from x3d_exp.bench.speed.runner import StepRunner
 from x3d_exp.bench.speed.torchvision_stub import import_create_x3d
 from x3d_exp.models.x3d import VARIANTS, X3DSpec
 
 
-class TorchRunner:
+class TorchRunner(StepRunner):
     """PyTorchVideo's `create_x3d` with the same factors, logits out (no softmax), CPU, default threads."""
 
     name = "pytorch"
@@ -54,16 +52,6 @@ class TorchRunner:
                 with torch.inference_mode():
                     return self.model(x)
         self.step = step
-        for _ in range(WARMUP):
-            self.step()
-        reset_peak()
+        self.warm_up()
         params = int(sum(p.numel() for p in self.model.parameters()))
         return {"params": params, "threads": torch.get_num_threads()}
-
-    def time_one(self) -> float:
-        start = time.perf_counter()
-        self.step()
-        return time.perf_counter() - start
-
-    def peak(self) -> dict:
-        return peak_mb()
