@@ -4,8 +4,8 @@ Every `import`/`from ... import` in the package's AST counts, including those in
 still a dependency). The layers, lowest first:
 
 0 errors, env · 1 config, kernels, data, weights, distributed · 2 models · 3 engine, tracking ·
-4 tasks, search, distributed.msrun · 5 cli, hydra_plugins (the search sweeper, installed as the top-level hydra_plugins
-namespace). `bench` is a side branch: it may import anything, nothing imports it.
+4 tasks, search, distributed.msrun · 5 cli, hydra_plugins (the search sweeper, installed as the top-level
+hydra_plugins namespace). `bench` is a side branch: it may import anything, nothing imports it.
 """
 
 from __future__ import annotations
