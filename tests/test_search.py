@@ -180,11 +180,22 @@ def test_finished_candidates_are_reused_not_trained_again():
     assert [factor_key(c.factors) for c in second.path] == [factor_key(c.factors) for c in first.path]
 
 
+def test_settings_left_out_keep_the_defaults():
+    assert SearchSettings.from_config({}) == SearchSettings()
+    settings = SearchSettings.from_config({"steps": "5", "axes": [], "axis_steps": {"gamma_w": 1.5}, "name": "x"})
+    assert (settings.steps, settings.axes, settings.rule) == (5, tuple(FACTORS), "gain_per_gmac")
+    assert settings.axis_steps == {**AXIS_STEPS, "gamma_w": 1.5}
+
+
 def test_bad_search_settings_fail_naming_the_key():
     with pytest.raises(Exception, match="sweep.rule='fastest'"):
         SearchSettings.from_config({"rule": "fastest"})
     with pytest.raises(Exception, match="unknown factor.*gamma_x"):
         SearchSettings.from_config({"axes": ["gamma_x"]})
+    with pytest.raises(Exception, match="sweep.steps=0"):
+        SearchSettings.from_config({"steps": 0})
+    with pytest.raises(Exception, match="sweep.target_gmacs=0"):
+        SearchSettings.from_config({"target_gmacs": 0})
 
 
 def test_the_sweeper_is_a_discoverable_hydra_plugin():

@@ -110,9 +110,11 @@ class SearchSettings:
         """From the `sweep` config node, checked here so a bad setting fails before any job, naming its key."""
         steps = dict(AXIS_STEPS)
         steps.update({k: float(v) for k, v in dict(sweep.get("axis_steps") or {}).items()})
-        settings = cls(steps=int(sweep.get("steps", 3)), target_gmacs=sweep.get("target_gmacs"),
-                       rule=str(sweep.get("rule", "gain_per_gmac")),
-                       axes=tuple(sweep.get("axes") or FACTORS), axis_steps=steps)
+        # A key the sweep leaves out (or sets null, or an empty axes list) keeps this class's default.
+        given = {key: sweep.get(key) for key in ("steps", "target_gmacs", "rule", "axes")
+                 if sweep.get(key) is not None and (key != "axes" or len(sweep.get(key)))}
+        settings = cls(**given, axis_steps=steps)
+        settings.steps, settings.rule, settings.axes = int(settings.steps), str(settings.rule), tuple(settings.axes)
         unknown = sorted(set(settings.axes) - set(FACTORS)) + sorted(set(steps) - set(FACTORS))
         if unknown:
             raise ConfigError(f"sweep.axes / sweep.axis_steps: unknown factor(s) {', '.join(unknown)}; "
