@@ -59,9 +59,49 @@ def test_model_group_agrees_with_the_variant_table(path):
             assert getattr(spec, key) == value, f"{path.name}: {key}={value} but VARIANTS has {getattr(spec, key)}"
 
 
-def test_task_names_agree():
-    from x3d_exp.config import TASKS as VALID
-    from x3d_exp.tasks import TASKS, task_function
+def test_every_task_has_its_function():
+    from x3d_exp.config import TASKS
+    from x3d_exp.tasks import task_function
 
-    assert sorted(VALID) == sorted(TASKS)
     assert all(callable(task_function(name)) for name in TASKS)
+
+
+def test_task_sections_are_typed_and_their_defaults_live_in_the_schema_only(cfg_tiny):
+    from dataclasses import asdict
+
+    from x3d_exp.config import ConvertConfig, ExportConfig, InferConfig, PrepareConfig, TrainerConfig
+
+    for section, schema in (("convert", ConvertConfig), ("infer", InferConfig), ("export", ExportConfig),
+                            ("prepare", PrepareConfig)):
+        assert dict(cfg_tiny[section]) == asdict(schema()), section
+    assert (cfg_tiny.prepare.short_side, cfg_tiny.export.format, cfg_tiny.infer.output) == (320, "MINDIR", "auto")
+    # The tiny settings set trainer.log_every; the rest is the schema's.
+    assert {k: v for k, v in cfg_tiny.trainer.items() if k != "log_every"} == \
+        {k: v for k, v in asdict(TrainerConfig()).items() if k != "log_every"}
+    # conf/config.yaml composes the groups and sets no key of its own, so no default is written twice.
+    assert set(yaml.safe_load((REPO / "conf" / "config.yaml").read_text())) == {"defaults", "hydra"}
+
+
+@pytest.mark.parametrize("override, key", [("prepare.short_side=abc", "prepare.short_side"),
+                                           ("export.verify=maybe", "export.verify"),
+                                           ("convert.format=[a]", "convert.format"),
+                                           ("prepare.shortside=1", "prepare.shortside")])
+def test_a_bad_task_option_fails_with_one_line_naming_its_key(override, key, capsys):
+    from x3d_exp.cli import check_overrides
+
+    with pytest.raises(SystemExit) as exit_:
+        check_overrides(str(REPO / "conf"), "config", [override])
+    message = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and message.startswith(f"error: {key}") and "\n" not in message
+
+
+def test_task_names_come_from_one_table():
+    from x3d_exp.config import TASKS
+    from x3d_exp.errors import ConfigError
+
+    cfg = compose_config()
+    cfg.task = "fit"
+    with pytest.raises(ConfigError, match=f"task='fit': must be one of {', '.join(TASKS)}"):
+        validate(cfg)
+    # A single path is accepted for infer.inputs as well as a list.
+    assert compose_config("infer.inputs=a.mp4").infer.inputs == "a.mp4"

@@ -54,7 +54,7 @@ def test_precise_bn_sets_the_mean_of_the_batch_statistics(impl):
     from mindspore import dataset as ds
     from mindspore import nn
 
-    from x3d_exp.engine.evaluate import precise_batchnorm_statistics
+    from x3d_exp.engine.batchnorm import precise_batchnorm_statistics
     from x3d_exp.models.x3d import _bn
 
     rng = np.random.default_rng(0)

@@ -16,7 +16,7 @@ from tests.data_helpers.layouts import data_cfg
 from x3d_exp.data import ensure_synthetic, load_video_views
 from x3d_exp.data.synthetic import CLASSES, render
 from x3d_exp.tasks.infer import read_labels
-from x3d_exp.kernels import resolve_cpu_kernels
+from x3d_exp.kernels import resolve_conv_impl
 from x3d_exp.models import build_model
 from x3d_exp.errors import UserError
 
@@ -43,7 +43,7 @@ def write_video(path: Path, motion: str, seed: int, codec: str) -> None:
 
 
 def build_network():
-    return build_model("x3d_xs", num_classes=4, conv_impl=resolve_cpu_kernels("auto", "CPU"))
+    return build_model("x3d_xs", num_classes=4, conv_impl=resolve_conv_impl("auto", "CPU"))
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from mindspore import nn
 from tests.cli_helpers import REPO, cli_env
 from tests.data_helpers.long_videos import change_times, encode, switching_frames
 from x3d_exp.data.transforms import normalise
-from x3d_exp.kernels import resolve_cpu_kernels
+from x3d_exp.kernels import resolve_conv_impl
 from x3d_exp.models import build_model
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ def train_model(clips_per_class: int = 24, seed: int = 0) -> nn.Cell:
     ms.set_seed(seed)
     rng = np.random.default_rng(seed)
     span = RATE * (FRAMES - 1) + 1
-    network = build_model("x3d_xs", num_classes=2, conv_impl=resolve_cpu_kernels("auto", "CPU"), gamma_d=1.0)
+    network = build_model("x3d_xs", num_classes=2, conv_impl=resolve_conv_impl("auto", "CPU"), gamma_d=1.0)
     network.set_train(False)
     head = network.head
 

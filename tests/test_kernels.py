@@ -238,7 +238,7 @@ def test_gate_matches_native(activation, shape, pynative_mode):
     x = Tensor((rng.standard_normal(shape) * 4).astype(np.float32))
     gate = Tensor(rng.random(shape[:2] + (1, 1, 1)).astype(np.float32))
     probe = Tensor(rng.standard_normal(shape).astype(np.float32))
-    ours = kernels.ops.Gate(activation)
+    ours = kernels.ops.FusedGate(activation)
 
     def native(a, g):
         return swish(a * g) if activation == "swish" else a * g
@@ -253,7 +253,7 @@ def test_gate_matches_native(activation, shape, pynative_mode):
 def test_swish_saturates_without_overflow(pynative_mode):
     values = np.array([-1e4, -100, -88, -20, -1e-3, 0, 1e-3, 20, 88, 100, 1e4], np.float32)
     gate = Tensor(np.ones((1, 1, 1), np.float32))
-    ours = kernels.ops.Gate("swish")(Tensor(values.reshape(1, 1, -1)), gate).asnumpy().ravel()
+    ours = kernels.ops.FusedGate("swish")(Tensor(values.reshape(1, 1, -1)), gate).asnumpy().ravel()
     exact = values.astype(np.float64) / (1 + np.exp(-values.astype(np.float64)))
     np.testing.assert_allclose(ours, exact, rtol=FORWARD_RTOL, atol=1e-30)
 
@@ -314,7 +314,7 @@ def test_full_model_auto_matches_native(pynative_mode):
 
     native, custom = small_x3d("native"), small_x3d("auto")
     kinds = {type(c) for _, c in custom.cells_and_names()}
-    assert {ops.ChannelwiseConv3d, ops.BatchNormAct3d, ops.ChannelMean, ops.Gate} <= kinds
+    assert {ops.ChannelwiseConv3d, ops.BatchNormAct3d, ops.ChannelMean, ops.FusedGate} <= kinds
     assert not any(type(c) is nn.BatchNorm3d for _, c in custom.cells_and_names())
     native_params = {p.name: p for p in native.get_parameters()}
     assert {p.name: p.shape for p in custom.get_parameters()} == {k: p.shape for k, p in native_params.items()}
@@ -343,7 +343,7 @@ def test_fallback_warns_once_and_matches(broken_compiler, caplog):
 
     with caplog.at_level(logging.WARNING, logger="x3d_exp.kernels"):
         cells = [channelwise_conv3d(4, (3, 3, 3), (1, 2, 2), impl="auto") for _ in range(3)]
-        assert kernels.resolve_cpu_kernels("auto", "CPU") == "native"
+        assert kernels.resolve_conv_impl("auto", "CPU") == "native"
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
     assert "nn.Conv3d" in warnings[0].getMessage()
@@ -358,23 +358,24 @@ def test_fallback_warns_once_and_matches(broken_compiler, caplog):
 
     block = X3DResBlock(4, 6, 4, se_width=8, conv_impl="auto")
     assert {type(c) for _, c in block.cells_and_names()}.isdisjoint(
-        {ops.ChannelwiseConv3d, ops.BatchNormAct3d, ops.ChannelMean, ops.Gate})
+        {ops.ChannelwiseConv3d, ops.BatchNormAct3d, ops.ChannelMean, ops.FusedGate})
 
     with pytest.raises(KernelBuildError):
         channelwise_conv3d(4, (3, 3, 3), impl="custom")
     with pytest.raises(KernelBuildError):
-        kernels.resolve_cpu_kernels("custom", "CPU")
+        kernels.resolve_conv_impl("custom", "CPU")
 
 
-def test_resolve_cpu_kernels():
-    assert kernels.resolve_cpu_kernels("native", "CPU") == "native"
-    assert kernels.resolve_cpu_kernels("auto", "CPU") == "custom"
-    assert kernels.resolve_cpu_kernels("custom", "cpu") == "custom"
+def test_resolve_conv_impl():
+    assert kernels.resolve_conv_impl("native", "CPU") == "native"
+    assert kernels.resolve_conv_impl("auto") == "custom"  # the device MindSpore runs on: the CPU here
+    assert kernels.resolve_conv_impl("auto", "CPU") == "custom"
+    assert kernels.resolve_conv_impl("custom", "cpu") == "custom"
     for device in ("GPU", "Ascend"):
         for setting in kernels.SETTINGS:
-            assert kernels.resolve_cpu_kernels(setting, device) == "native"
+            assert kernels.resolve_conv_impl(setting, device) == "native"
     with pytest.raises(ValueError):
-        kernels.resolve_cpu_kernels("fast", "CPU")
+        kernels.resolve_conv_impl("fast", "CPU")
 
 
 def test_cache_key_and_parallel_builds(tmp_path, monkeypatch):

@@ -4,8 +4,8 @@ Every `import`/`from ... import` in the package's AST counts, including those in
 still a dependency). The layers, lowest first:
 
 0 errors, env · 1 config, kernels, data, weights, distributed · 2 models · 3 engine, tracking ·
-4 tasks, distributed.msrun · 5 cli, hydra_plugins (the search sweeper, installed as the top-level hydra_plugins
-namespace). `bench` is a side branch: it may import anything, nothing imports it.
+4 tasks, search, distributed.msrun · 5 cli, hydra_plugins (the search sweeper, installed as the top-level
+hydra_plugins namespace). `bench` is a side branch: it may import anything, nothing imports it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ LAYERS = {"x3d_exp.errors": 0, "x3d_exp.env": 0,
           "x3d_exp.distributed": 1,
           "x3d_exp.models": 2, "x3d_exp": 2,  # the package itself re-exports build_model
           "x3d_exp.engine": 3, "x3d_exp.tracking": 3,
+          "x3d_exp.search": 4,
           "x3d_exp.tasks": 4, "x3d_exp.distributed.msrun": 4,
           "x3d_exp.cli": 5, "x3d_exp.hydra_plugins": 5}
 SIDE_BRANCH = "x3d_exp.bench"

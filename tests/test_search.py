@@ -1,4 +1,4 @@
-"""X3D's progressive expansion search (x3d_exp.tracking.search, hydra_plugins.x3d_exp_search): the algorithm on its
+"""X3D's progressive expansion search (x3d_exp.search.progressive, hydra_plugins.x3d_exp_search): the algorithm on its
 own, and whole searches through the real CLI, Hydra's joblib and submitit_local launchers and a real sqlite store."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from tests.cli_helpers import (REPO, TINY_DATA, artifact_paths, cli_env, compose_config, final_json, run_cli,
                                store_uri)
 from x3d_exp.config import FACTORS
-from x3d_exp.tracking.search import (AXIS_STEPS, Candidate, ProgressiveSearch, SearchFailed, SearchSettings, choose,
+from x3d_exp.search.progressive import (AXIS_STEPS, Candidate, ProgressiveSearch, SearchFailed, SearchSettings, choose,
                                      contract, expand, factor_key, trained_gmacs)
 
 X2D = {name: 1.0 for name in FACTORS}
@@ -123,6 +123,51 @@ def test_a_failed_candidate_is_skipped_and_a_failed_step_stops_the_search():
         search.run()
 
 
+def test_the_loop_goes_on_from_the_axis_the_rule_chooses():
+    """Step 1: gamma_s gains most per GMAC, gamma_w most in all; step 2 grows from the one the rule chose."""
+    outcomes = {"start": (0.3, 1.0), "gamma_s": (0.5, 1.5), "gamma_w": (0.6, 3.0)}
+    for rule, axis in (("gain_per_gmac", "gamma_s"), ("accuracy", "gamma_w")):
+        search, _ = _search(outcomes, steps=1, axes=("gamma_s", "gamma_w"), rule=rule)
+        assert search.run().axis == axis
+        assert [c.chosen for c in search.candidates] == [True, axis == "gamma_s", axis == "gamma_w"]
+
+
+def _costed_search(target, trained=None, steps=3):
+    """A search whose cost is the width factor in GMACs, each candidate 'training' to that cost; `trained` gives
+    the status of the contracted candidate."""
+    launched = []
+
+    def launch(batch):
+        for candidate in batch:
+            launched.append(candidate)
+            failed = candidate.axis.startswith("contract") and trained == "FAILED"
+            candidate.status = "FAILED" if failed else "FINISHED"
+            candidate.val_top1, candidate.gmacs = 0.5, candidate.factors["gamma_w"]
+
+    search = ProgressiveSearch(SearchSettings(steps=steps, target_gmacs=target, axes=("gamma_w",)), X2D, launch,
+                               cost=lambda factors: factors["gamma_w"])
+    return search, launched
+
+
+def test_the_search_stops_at_the_target_and_contracts_an_overshoot():
+    search, launched = _costed_search(target=3.0)
+    found = search.run()
+    # 1 -> 2 -> 4 overshoots 3: the last step is contracted to the widest model that costs at most 3.
+    assert [c.axis for c in launched] == ["start", "gamma_w", "gamma_w", "contract gamma_w"]
+    assert found.axis == "contract gamma_w" and 2.9 < found.factors["gamma_w"] <= 3.0
+    assert [c.axis for c in search.path][-1] == "contract gamma_w"
+    # Exactly on target: no step past it, nothing to contract.
+    search, launched = _costed_search(target=2.0)
+    assert search.run().factors["gamma_w"] == 2.0 and len(launched) == 2
+
+
+def test_a_failed_contraction_keeps_the_expanded_model():
+    search, launched = _costed_search(target=3.0, trained="FAILED")
+    found = search.run()
+    assert launched[-1].axis == "contract gamma_w" and launched[-1].status == "FAILED"
+    assert found.axis == "gamma_w" and found.factors["gamma_w"] == 4.0
+
+
 def test_finished_candidates_are_reused_not_trained_again():
     outcomes = {"start": (0.3, 1.0), "gamma_t": (0.6, 2.0), "gamma_s": (0.5, 1.5)}
     first, _ = _search(outcomes, steps=2, axes=("gamma_t", "gamma_s"))
@@ -135,11 +180,22 @@ def test_finished_candidates_are_reused_not_trained_again():
     assert [factor_key(c.factors) for c in second.path] == [factor_key(c.factors) for c in first.path]
 
 
+def test_settings_left_out_keep_the_defaults():
+    assert SearchSettings.from_config({}) == SearchSettings()
+    settings = SearchSettings.from_config({"steps": "5", "axes": [], "axis_steps": {"gamma_w": 1.5}, "name": "x"})
+    assert (settings.steps, settings.axes, settings.rule) == (5, tuple(FACTORS), "gain_per_gmac")
+    assert settings.axis_steps == {**AXIS_STEPS, "gamma_w": 1.5}
+
+
 def test_bad_search_settings_fail_naming_the_key():
     with pytest.raises(Exception, match="sweep.rule='fastest'"):
         SearchSettings.from_config({"rule": "fastest"})
     with pytest.raises(Exception, match="unknown factor.*gamma_x"):
         SearchSettings.from_config({"axes": ["gamma_x"]})
+    with pytest.raises(Exception, match="sweep.steps=0"):
+        SearchSettings.from_config({"steps": 0})
+    with pytest.raises(Exception, match="sweep.target_gmacs=0"):
+        SearchSettings.from_config({"target_gmacs": 0})
 
 
 def test_the_sweeper_is_a_discoverable_hydra_plugin():

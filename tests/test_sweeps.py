@@ -131,7 +131,7 @@ def _compose(*overrides):
 
 
 def test_every_expansion_step_doubles_one_axis_of_x3d_xs():
-    from x3d_exp.tracking.search import expand
+    from x3d_exp.search.progressive import expand
 
     params = _compose("+sweep=expand_one_axis").hydra.sweeper.params
     steps = params["+expand"].split(",")

@@ -25,7 +25,6 @@ import pytest  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
 from tests.cli_helpers import compose_config  # noqa: E402
-from x3d_exp.config import model_kwargs  # noqa: E402
 from x3d_exp.errors import UserError  # noqa: E402
 from x3d_exp.tasks.model import task_convert, task_export  # noqa: E402
 from x3d_exp.weights import (UnsafeCheckpointError, WeightsError, export_model, load_pretrained,  # noqa: E402
@@ -52,9 +51,9 @@ def ms_logits(cfg, ckpt, inputs):
     """Logits of the model `cfg` builds, with weights loaded by MindSpore's own checkpoint API."""
     import mindspore as ms
 
-    from x3d_exp.models import build_model
+    from x3d_exp.models import build_from_config
 
-    net = build_model(cfg.model.name, num_classes=400, **model_kwargs(cfg))
+    net = build_from_config(cfg.model, 400)
     net.set_train(False)
     not_loaded, _ = ms.load_param_into_net(net, ms.load_checkpoint(ckpt), strict_load=True)
     assert not not_loaded
@@ -412,11 +411,11 @@ def test_task_export_from_converted_checkpoint(tmp_path):
     """task=export loads `ckpt`, takes its class count, exports and checks the file."""
     import mindspore as ms
 
-    from x3d_exp.models import build_model
+    from x3d_exp.models import build_from_config
 
     small = ["model.gamma_w=0.25", "model.gamma_b=1", "model.gamma_d=0.5", "model.num_frames=2", "model.crop_size=32"]
     cfg = compose(*small)
-    net = build_model(cfg.model.name, num_classes=7, **model_kwargs(cfg))
+    net = build_from_config(cfg.model, 7)
     ckpt = tmp_path / "small.ckpt"
     ms.save_checkpoint(net, str(ckpt))
     cfg = compose(*small, export={"format": "MINDIR", "dst": str(tmp_path / "out" / "small")})

@@ -1,7 +1,12 @@
-"""Structured schema for the Hydra config, registered in Hydra's ConfigStore.
+"""Structured schema for the Hydra config, registered in Hydra's ConfigStore: every key and its default, once.
 
 Types are checked by OmegaConf when the config is composed (so `model.gamma_d=abc`
 fails naming the key); ranges are checked by `validate`, right after composition.
+
+A new key is one line in its section's dataclass below (type, default, a comment saying what it does); the YAML
+files (conf/) only hold what a group or preset changes. Code reads a key as an attribute (`cfg.prepare.short_side`)
+and never repeats its default. A new section is a dataclass and one field of `Config`; a new task is one line in
+`TASKS`.
 """
 
 from __future__ import annotations
@@ -84,13 +89,16 @@ class LauncherConfig:
 
 @dataclass
 class TrainerConfig:
+    # With 20 the synthetic default reaches 31 or 32 of its 32 test videos (96.9-100%, see README); real data wants
+    # far more.
     epochs: int = 20
     eval_every: int = 1
     ckpt_every: int = 1
     keep_last: int = 2
     log_every: int = 10
-    # PySlowFast's precise BN: batches whose statistics replace the BN running averages before each validation
-    # and checkpoint (0: keep the running averages).
+    # PySlowFast's precise BN (its BN.USE_PRECISE_STATS; it uses 200): >0, before each validation and checkpoint the
+    # BN running averages are replaced by the mean statistics of this many training batches under the current
+    # weights (0: keep the running averages).
     precise_bn_batches: int = 0
     graph_mode: bool = True
     progress: str = "auto"
@@ -102,11 +110,84 @@ class MlflowConfig:
     experiment_name: str = "x3d-exp"
     run_name: Optional[str] = None
     enabled: bool = True
-    # MLflow's own CPU, memory, disk, network (and GPU where present) sampling, as system/* metrics.
+    # MLflow's own CPU, memory, disk, network (and GPU where present) sampling, as system/* metrics, every
+    # system_metrics_interval seconds.
     system_metrics: bool = False
     system_metrics_interval: float = 10.0
     # At the end of a job, how long to wait for the spool to reach an unreachable tracking server (docs/tracking.md).
     drain_timeout: float = 60.0
+
+
+@dataclass
+class ConvertConfig:
+    """task=convert: a PyTorch X3D checkpoint to a MindSpore .ckpt."""
+
+    # the PyTorch checkpoint (.pyth, .pth, .pt)
+    src: Optional[str] = None
+    # null: src with the suffix .ckpt
+    dst: Optional[str] = None
+    # auto: told from the checkpoint's keys; else one of weights.CHECKPOINT_FORMATS
+    format: str = "auto"
+
+
+@dataclass
+class InferConfig:
+    """task=infer: classify video files with a trained checkpoint."""
+
+    # the videos to classify: a list of paths, or one path
+    inputs: Any = field(default_factory=list)
+    # a file with one class name per line; null: the dataset annotation's names if readable, else indices only
+    labels: Optional[str] = None
+    # views per forward pass; null: data.eval_batch_size, else data.batch_size
+    batch_size: Optional[int] = None
+    # auto: a table when stdout is a terminal, JSON lines otherwise
+    output: str = "auto"
+    # seconds between windows labelled across each input (docs/inference.md); null: one label per video
+    window_stride: Optional[float] = None
+    # crops per window: 1 (centre) or 3 (the test protocol's)
+    window_crops: int = 1
+    # finished windows waiting for the network; null: two batches. A live input drops windows beyond it
+    queue_size: Optional[int] = None
+
+
+@dataclass
+class ExportConfig:
+    """task=export: the network with `ckpt`'s weights as a MINDIR or ONNX file, checked by running it."""
+
+    # MINDIR or ONNX (any case)
+    format: str = "MINDIR"
+    # null: the ckpt's path without its suffix, else the model's name
+    dst: Optional[str] = None
+    # [N, 3, T, H, W]; null: one clip at the training crop
+    input_shape: Optional[List[int]] = None
+    # run the exported file and compare its outputs with the network's
+    verify: bool = True
+
+
+@dataclass
+class PrepareConfig:
+    """task=prepare: a dataset re-encoded to a smaller short side in a new root with the same layout."""
+
+    # the dataset root to re-encode; null: data.root
+    src: Optional[str] = None
+    # the new root (same layout); null: <src>_<short_side>. Never equal to, inside or above src.
+    dst: Optional[str] = None
+    # videos with a larger short side are re-encoded to this (H.264, yuv420p); smaller ones and other files are copied
+    short_side: int = 320
+    # x264 quality (lower is better and larger) and speed preset
+    crf: int = 23
+    preset: str = "veryfast"
+    # a keyframe at least every this many frames; null: x264's 250. 60 made a random X3D-XS training clip ~20%
+    # cheaper to decode, the files 16% larger and a 10-clip test decode 7% slower (docs/performance.md).
+    keyint: Optional[int] = None
+
+
+@dataclass
+class SyncConfig:
+    """task=sync: deliver the MLflow records that jobs spooled while their tracking server was away."""
+
+    # a run dir, or a folder whose run dirs (and sweep dirs) are all delivered; null: hydra.run.dir
+    path: Optional[str] = None
 
 
 @dataclass
@@ -124,16 +205,22 @@ class Config:
     amp_level: str = "O0"
     ckpt: Optional[str] = None
     resume: Any = False
-    # Free-form sections owned by other tasks (convert / infer / export / prepare / sweep).
-    convert: Any = field(default_factory=dict)
-    infer: Any = field(default_factory=dict)
-    export: Any = field(default_factory=dict)
-    prepare: Any = field(default_factory=dict)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    # A multirun's settings, free-form: the sweep presets (multirun_sweeps/sweep/*.yaml) bring their own keys, read
+    # by the sweep callback (tracking.sweeps) and a search's sweeper (search.progressive.SearchSettings, which checks
+    # them). Typed defaults here would add a dozen null sweep.* params to every single run's MLflow record.
     sweep: Any = field(default_factory=dict)
-    sync: Any = field(default_factory=dict)
+    sync: SyncConfig = field(default_factory=SyncConfig)
 
 
-TASKS = ("train", "test", "summary", "convert", "infer", "export", "prepare", "sync")
+# task= -> "module:function" under x3d_exp.tasks, imported on use (x3d_exp.tasks.task_function), so
+# `task=summary` loads no training code. Named as strings: this layer may not import the tasks.
+TASKS = {"train": "train:task_train", "test": "train:task_test", "infer": "infer:task_infer",
+         "summary": "model:task_summary", "convert": "model:task_convert", "export": "model:task_export",
+         "prepare": "prepare:task_prepare", "sync": "sync:task_sync"}
 DEVICES = ("auto", "CPU", "GPU", "Ascend")
 AMP_LEVELS = ("O0", "O1", "O2", "O3", "auto")
 
@@ -227,14 +314,6 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.launcher.nproc >= 1, "launcher.nproc", "must be >= 1", cfg.launcher.nproc)
     _require(cfg.task != "test" or bool(cfg.ckpt), "ckpt", "task=test needs ckpt=PATH (a .ckpt written by "
              "task=train or task=convert)", cfg.ckpt)
-
-
-def model_kwargs(cfg: DictConfig) -> dict:
-    """The model group as `build_model` keyword arguments (data-independent); null sizes are left to derive."""
-    kwargs = {k: cfg.model[k] for k in (*FACTORS, *CLIP_SIZES, "dropout") if cfg.model[k] is not None}
-    if "train_scale" in kwargs:
-        kwargs["train_scale"] = list(kwargs["train_scale"])
-    return kwargs
 
 
 def input_sizes(cfg: DictConfig, spec) -> dict:

@@ -218,14 +218,14 @@ def main(argv=None) -> dict:
         print(f"{name}: T={setting['num_frames']} tau={setting['sampling_rate']} crop={setting['crop_size']} "
               f"scale={setting['train_scale']} test crop={setting['test_crop_size']}, median of {args.rounds} x "
               f"{args.seconds:g} s, load average {os.getloadavg()[0]:.2f} after", flush=True)
-        print(format_table(row, args.workers), flush=True)
+        print(format_loader_rates(row, args.workers), flush=True)
     print(f"total {time.perf_counter() - started:.0f} s, load average {os.getloadavg()[0]:.2f} at end")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return results
 
 
-def format_table(row: dict, workers) -> str:
+def format_loader_rates(row: dict, workers) -> str:
     """Loader rates as one line per split / K / threads with a column per worker count, then the PyAV baselines and
     the ratio of the one-process loader (0 workers) to them."""
     lines = ["  loader                        " + "".join(f"{f'{w} workers':>14}" for w in workers)]

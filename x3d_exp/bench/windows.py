@@ -132,7 +132,7 @@ def main() -> None:
     from x3d_exp.data import decoders  # noqa: F401  (MindSpore, then decord)
     from x3d_exp.data.stream import WindowPlan, WindowReader, open_source
     from x3d_exp.data.video import short_side_size
-    from x3d_exp.kernels import resolve_cpu_kernels
+    from x3d_exp.kernels import resolve_conv_impl
     from x3d_exp.models import build_model
     from x3d_exp.models.fuse import inference_network
     from x3d_exp.tasks.windows import forward, label_windows
@@ -143,7 +143,7 @@ def main() -> None:
     print(f"video {path} ({args.minutes:g} min, {WIDTH}x{HEIGHT} H.264, {FPS} fps), made or found in "
           f"{time.time() - started:.0f} s; {os.cpu_count()} cores, {load()}", flush=True)
     duration = args.minutes * 60
-    conv_impl = resolve_cpu_kernels("auto", "CPU")
+    conv_impl = resolve_conv_impl("auto", "CPU")
     anchors = {}  # decoding alone depends only on the size (X3D-XS and S share theirs)
     for name in args.models.split(","):
         model = build_model(name, num_classes=400, conv_impl=conv_impl)

@@ -80,34 +80,6 @@ def join(device: str) -> Dist:
     return dist
 
 
-def batchnorm_statistics(network) -> list:
-    """Every BN running mean and variance of `network`, in a fixed (name) order."""
-    return [p for _, p in sorted(network.parameters_and_names())
-            if p.name.endswith(("moving_mean", "moving_variance"))]
-
-
-def average_batchnorm_statistics(network, dist: Dist) -> None:
-    """Make every rank's BN moving mean and variance the mean over ranks (one all-reduce for all layers).
-
-    Each rank's BN layers track the statistics of their own batches, so without this the replicas would differ in
-    those buffers and a checkpoint of rank 0 would not evaluate as the ranks did together. The mean of the
-    per-rank variances is what is kept (the spread between rank means is left out), as in timm's distribute_bn.
-    """
-    if dist.world_size == 1:
-        return
-    import mindspore as ms
-
-    params = batchnorm_statistics(network)
-    if not params:
-        return
-    values = [p.asnumpy() for p in params]
-    flat = dist.all_reduce_sum(np.concatenate([v.ravel() for v in values])) / dist.world_size
-    offset = 0
-    for param, value in zip(params, values):
-        param.set_data(ms.Tensor(flat[offset:offset + value.size].reshape(value.shape).astype(value.dtype)))
-        offset += value.size
-
-
 def merge_video_scores(prob_sum: Dict[int, np.ndarray], labels: Dict[int, int], loss_sum: float, views: int,
                        shard_videos: int, num_classes: int, dist: Dist) -> Tuple[dict, dict, float, int]:
     """Every rank's per-video summed softmax, on every rank: the whole split's scores from the sharded ones.

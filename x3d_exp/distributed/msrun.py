@@ -49,11 +49,6 @@ def world_size(cfg: DictConfig) -> int:
     return int(cfg.launcher.nproc) * int(cfg.launcher.nnodes)
 
 
-def needs_launch(cfg: DictConfig) -> bool:
-    """True in the process the user started with a world size above 1; false inside msrun's processes."""
-    return world_size(cfg) > 1 and not under_msrun()
-
-
 def check_launcher(cfg: DictConfig) -> None:
     lc = cfg.launcher
     problems = []

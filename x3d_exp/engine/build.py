@@ -12,9 +12,8 @@ from mindspore import nn, ops
 from mindspore.train import Model
 from omegaconf import DictConfig
 
-from x3d_exp.config import model_kwargs
-from x3d_exp.kernels import resolve_cpu_kernels
-from x3d_exp.models import build_model
+from x3d_exp.kernels import resolve_conv_impl
+from x3d_exp.models import build_from_config
 
 log = logging.getLogger("x3d_exp.engine")
 
@@ -45,9 +44,7 @@ def amp_level(cfg: DictConfig, device: str) -> str:
 
 
 def build_network(cfg: DictConfig, device: str):
-    conv_impl = resolve_cpu_kernels(cfg.model.cpu_kernels, device)
-    return build_model(cfg.model.name, num_classes=int(cfg.data.num_classes), conv_impl=conv_impl,
-                       **model_kwargs(cfg))
+    return build_from_config(cfg.model, int(cfg.data.num_classes), resolve_conv_impl(cfg.model.cpu_kernels, device))
 
 
 def lr_per_step(cfg: DictConfig, steps_per_epoch: int, base_lr: float) -> List[float]:

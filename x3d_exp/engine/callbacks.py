@@ -33,9 +33,10 @@ from mindspore import nn
 from mindspore.train import Callback
 from omegaconf import DictConfig
 
-from x3d_exp.distributed import SINGLE, Dist, average_batchnorm_statistics
+from x3d_exp.distributed import SINGLE, Dist
+from x3d_exp.engine.batchnorm import average_batchnorm_statistics, precise_batchnorm_statistics
 from x3d_exp.engine.checkpoint import BEST_CKPT, epoch_checkpoints, save_checkpoint_atomic, write_atomic
-from x3d_exp.engine.evaluate import evaluate, precise_batchnorm_statistics, progress_bar
+from x3d_exp.engine.evaluate import evaluate, progress_bar
 from x3d_exp.errors import UserError
 
 log = logging.getLogger("x3d_exp.engine")

@@ -1,4 +1,4 @@
-"""Multi-view evaluation and precise BN: plain loops, because views must be regrouped per video."""
+"""Multi-view evaluation: a plain loop, because views must be regrouped per video."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import mindspore as ms
 from mindspore import nn
 from omegaconf import DictConfig
 
-from x3d_exp.distributed import SINGLE, Dist, batchnorm_statistics, merge_video_scores
-from x3d_exp.models.x3d import BN_MOMENTUM
+from x3d_exp.distributed import SINGLE, Dist, merge_video_scores
 
 
 def progress_bar(cfg: DictConfig, total: int, desc: str):
@@ -73,34 +72,3 @@ def evaluate(network: nn.Cell, loader, num_classes: int, cfg: DictConfig, desc: 
     """Video-level metrics of one split: the loss is per view, accuracy per video; over all ranks' shards."""
     scores = merge_video_scores(*collect_scores(network, loader, cfg, desc), loader.num_videos, num_classes, dist)
     return video_metrics(*scores, num_classes)
-
-
-def precise_batchnorm_statistics(network: nn.Cell, loader, num_batches: int) -> int:
-    """PySlowFast's precise BN: set every BN's running mean and variance to the plain average of the statistics of
-    up to `num_batches` training batches under the current weights; returns the number of batches used.
-
-    The running averages trail the weights by many steps, which shows in the evaluation while the lr is high. The
-    BN ops expose only their running averages, so each batch's own statistics are recovered from consecutive values,
-    running_i = m * running_(i-1) + (1 - m) * batch_i, m being the BN momentum.
-    """
-    params = batchnorm_statistics(network)
-    if not params or num_batches < 1:
-        return 0
-    network.set_train(True)
-    previous = [p.asnumpy().astype(np.float64) for p in params]
-    sums = [np.zeros_like(v) for v in previous]
-    used = 0
-    for batch in loader.dataset.create_dict_iterator(num_epochs=1, output_numpy=True):
-        if used == num_batches:
-            break
-        network(ms.Tensor(batch["clip"]))
-        current = [p.asnumpy().astype(np.float64) for p in params]
-        for total, now, before in zip(sums, current, previous):
-            total += (now - BN_MOMENTUM * before) / (1 - BN_MOMENTUM)
-        previous = current
-        used += 1
-    if used == 0:
-        return 0
-    for param, total in zip(params, sums):
-        param.set_data(ms.Tensor((total / used).astype(np.float32)))
-    return used

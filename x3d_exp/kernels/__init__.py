@@ -6,31 +6,37 @@ faster. BatchNorm, Swish and the SE pooling and gating run as chains of
 MindSpore ops, one pass over memory each; the fused kernels make each one or
 two passes. They are compiled on first use and cached (see `build`).
 
-- `resolve_cpu_kernels(setting, device)`: the `conv_impl` for the model from
-  the config switch `model.cpu_kernels` (`auto|native|custom`).
-- `use_kernels(impl)`: whether the model's layers for `conv_impl` run on these kernels.
+- `resolve_conv_impl(setting, device)`: the one rule from a `conv_impl` / `model.cpu_kernels` setting
+  (`auto|native|custom`) to the backend the layers are built with, "custom" or "native".
 - `ops.ChannelwiseConv3d`: the channelwise conv layer (x3d_exp.models.x3d decides when to use it).
-- `ops.BatchNormAct3d`, `ops.ChannelMean`, `ops.Gate`: the fused layers.
+- `ops.BatchNormAct3d`, `ops.ChannelMean`, `ops.FusedGate`: the fused layers.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 from x3d_exp.kernels.build import KernelBuildError
 
 SETTINGS = ("auto", "native", "custom")
 
-__all__ = ["SETTINGS", "KernelBuildError", "resolve_cpu_kernels", "use_kernels"]
+__all__ = ["SETTINGS", "KernelBuildError", "resolve_conv_impl"]
 
 
-def resolve_cpu_kernels(setting: str, device: str) -> str:
-    """`conv_impl` to build the model with: "custom" or "native".
+def resolve_conv_impl(setting: str, device: Optional[str] = None) -> str:
+    """The backend to build the layers with: "custom" (these kernels) or "native" (MindSpore's layers).
 
-    Off the CPU always "native" (cuDNN and Ascend's kernels are fine). On the
-    CPU "auto" means the C++ kernels when they build here, else "native" with
-    one warning line; "custom" demands them and raises KernelBuildError.
+    Off the CPU always "native" (cuDNN and Ascend's kernels are fine). On the CPU "auto" means the C++ kernels
+    when they build here, else "native" with one warning line; "custom" demands them and raises KernelBuildError.
+    `device` defaults to MindSpore's device_target, where the cells will run: the engine sets it from the config
+    (engine.build.setup_context) before it builds a network, and passes the same device here.
     """
     if setting not in SETTINGS:
-        raise ValueError(f"model.cpu_kernels must be one of {', '.join(SETTINGS)}, got {setting!r}")
+        raise ValueError(f"model.cpu_kernels / conv_impl must be one of {', '.join(SETTINGS)}, got {setting!r}")
+    if device is None:
+        import mindspore as ms
+
+        device = ms.get_context("device_target")
     if str(device).upper() != "CPU" or setting == "native":
         return "native"
     from x3d_exp.kernels.ops import kernel_library, kernels_available
@@ -39,18 +45,3 @@ def resolve_cpu_kernels(setting: str, device: str) -> str:
         kernel_library()
         return "custom"
     return "custom" if kernels_available() else "native"
-
-
-def use_kernels(impl: str) -> bool:
-    """True for "custom" (raising KernelBuildError if the kernels do not build) and for "auto" when they
-    build; False for "native" and for "auto" without them (after one warning line)."""
-    if impl == "native":
-        return False
-    if impl not in ("auto", "custom"):
-        raise ValueError(f"unknown conv impl {impl!r}; choose native, auto or custom")
-    from x3d_exp.kernels.ops import kernel_library, kernels_available
-
-    if impl == "custom":
-        kernel_library()
-        return True
-    return kernels_available()

@@ -162,7 +162,7 @@ def _fused_shape(stride, padding):
 
 
 # Activation name -> the kernels' symbol infix.
-ACTIVATIONS = {None: "", "relu": "Relu", "swish": "Swish"}
+ACTIVATION_SUFFIXES = {None: "", "relu": "Relu", "swish": "Swish"}
 
 
 def _zeros(*inputs):
@@ -172,7 +172,7 @@ def _zeros(*inputs):
 @functools.lru_cache(maxsize=None)
 def _batchnorm_primitives(library: str, activation: Optional[str]) -> Tuple[ops.Custom, ops.Custom]:
     """(training, inference) forward ops for one activation, each with its bprop."""
-    name = f"{library}:BatchNorm{ACTIVATIONS[activation]}"
+    name = f"{library}:BatchNorm{ACTIVATION_SUFFIXES[activation]}"
     grad_shape = lambda x, gamma, *rest: (x, gamma, gamma)  # noqa: E731
     train_grad = ops.Custom(f"{name}TrainGrad", out_shape=grad_shape, out_dtype=grad_shape, func_type="aot")
     infer_grad = ops.Custom(f"{name}InferGrad", out_shape=grad_shape, out_dtype=grad_shape, func_type="aot")
@@ -207,8 +207,8 @@ class BatchNormAct3d(nn.BatchNorm3d):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.9, gamma_init="ones",
                  activation: Optional[str] = None):
         super().__init__(num_features, eps=eps, momentum=momentum, gamma_init=gamma_init)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; choose from {list(ACTIVATIONS)}")
+        if activation not in ACTIVATION_SUFFIXES:
+            raise ValueError(f"unknown activation {activation!r}; choose from {list(ACTIVATION_SUFFIXES)}")
         self.activation = activation
         # _BatchNorm keeps 1 - momentum: the weight of the batch statistic, as the kernel takes it.
         self.hyper = Tensor(np.array([eps, self.bn2d.momentum], np.float32))
@@ -253,7 +253,7 @@ class ChannelMean(nn.Cell):
 
 @functools.lru_cache(maxsize=None)
 def _gate_primitive(library: str, activation: Optional[str]) -> ops.Custom:
-    name = f"{library}:Gate{ACTIVATIONS[activation]}"
+    name = f"{library}:Gate{ACTIVATION_SUFFIXES[activation]}"
     grad = ops.Custom(f"{name}Grad", out_shape=lambda x, gate, dy: (x, gate),
                       out_dtype=lambda x, gate, dy: (x, gate), func_type="aot")
 
@@ -263,13 +263,13 @@ def _gate_primitive(library: str, activation: Optional[str]) -> ops.Custom:
     return ops.Custom(name, out_shape=lambda x, gate: x, out_dtype=lambda x, gate: x, func_type="aot", bprop=bprop)
 
 
-class Gate(nn.Cell):
+class FusedGate(nn.Cell):
     """`activation(x * gate)` for x (N, C, ...) and a per-channel gate (N, C, 1, ...): the SE excitation."""
 
     def __init__(self, activation: Optional[str] = None):
         super().__init__()
         if activation not in (None, "swish"):
-            raise ValueError(f"Gate supports activation None or 'swish', got {activation!r}")
+            raise ValueError(f"FusedGate supports activation None or 'swish', got {activation!r}")
         self.activation = activation
         self.gate = _gate_primitive(kernel_library(), activation)
 

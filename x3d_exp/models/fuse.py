@@ -51,10 +51,10 @@ class InferenceResBlock(nn.Cell):
 
 def fuse_for_inference(network: X3D) -> X3D:
     """A copy of `network` for inference with the eval-mode BatchNorms folded into the channelwise convs."""
-    from x3d_exp.kernels import use_kernels
+    from x3d_exp.kernels import resolve_conv_impl
     from x3d_exp.kernels.ops import FusedChannelwiseConv3d
 
-    use_kernels("custom")  # raises KernelBuildError without them
+    resolve_conv_impl("custom", "CPU")  # raises KernelBuildError without them
     fused = create_x3d(dataclasses.replace(network.spec, conv_impl="custom"))
     values = {p.name: p for p in network.get_parameters()}
     for param in fused.get_parameters():

@@ -9,7 +9,7 @@ its builder; `create_x3d` derives the defaults from the factors.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Optional, Sequence, Tuple
 
 from mindspore import nn, ops
@@ -81,7 +81,7 @@ def _bn_act(channels: int, activation: Optional[str], impl: str = "native",
     memory and the activation cell is an identity.
     """
     gamma_init = "zeros" if zero_init else "ones"
-    if kernels.use_kernels(impl):
+    if kernels.resolve_conv_impl(impl) == "custom":
         from x3d_exp.kernels.ops import BatchNormAct3d
 
         return BatchNormAct3d(channels, BN_EPS, BN_MOMENTUM, gamma_init, activation), nn.Identity()
@@ -99,7 +99,7 @@ def channelwise_conv3d(channels: int, kernel_size: Sequence[int], stride: Sequen
     """
     if padding is None:
         padding = tuple(k // 2 for k in kernel_size)
-    if not kernels.use_kernels(impl):
+    if kernels.resolve_conv_impl(impl) != "custom":
         return _conv3d(channels, channels, tuple(kernel_size), tuple(stride), tuple(padding), group=channels)
     from x3d_exp.kernels.ops import ChannelwiseConv3d
 
@@ -149,10 +149,10 @@ class SqueezeExcite(nn.Cell):
 
     def __init__(self, channels: int, se_width: int, activation: Optional[str] = None, impl: str = "native"):
         super().__init__()
-        if kernels.use_kernels(impl):
-            from x3d_exp.kernels.ops import ChannelMean, Gate as KernelGate
+        if kernels.resolve_conv_impl(impl) == "custom":
+            from x3d_exp.kernels.ops import ChannelMean, FusedGate
 
-            self.squeeze, self.excite = ChannelMean(), KernelGate(activation)
+            self.squeeze, self.excite = ChannelMean(), FusedGate(activation)
         else:
             self.squeeze, self.excite = GlobalMean(), Gate(activation)
         self.fc1 = _conv3d(channels, se_width, 1, has_bias=True)
@@ -266,7 +266,11 @@ class SeededDropout(nn.Cell):
     def __init__(self, p: float):
         super().__init__()
         self.p = p
-        # The seeds nn.Dropout derives from the global seed (MindSpore's own helper; unseeded, they are random).
+        # The seeds nn.Dropout itself derives from the global seed. MindSpore's private helper is kept on purpose:
+        # 2.10's public API gives only the global seed (mindspore.get_seed), not the per-op second seed this helper
+        # counts per kernel name (so each dropout cell gets its own stream, the same in every process), nor its
+        # (0, 0) = random when unseeded. Re-deriving that here would be a copy of it; mindspore.Generator streams
+        # (ops.rand(generator=...)) would be a different convention from nn.Dropout's.
         seed, seed2 = _get_graph_seed(0, "dropout")
         self.uniform = ops.UniformReal(seed=seed, seed2=seed2)
 
@@ -344,7 +348,6 @@ class X3DSpec:
     dropout: float = 0.5
     # "auto": the CPU kernels when MindSpore runs on the CPU and they build here, else nn.Conv3d (x3d_exp.kernels).
     conv_impl: str = "auto"
-    derived: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         for name in FACTORS:
@@ -391,20 +394,13 @@ class X3DSpec:
             raise FactorError("model.stage_widths, model.inner_widths and model.stage_depths must have equal length")
         if not 0 <= self.dropout < 1:
             raise FactorError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.conv_impl == "auto":
-            # Resolved here, so the built network records the backend it really uses (fuse.inference_network
-            # reads it). MindSpore's own channelwise Conv3d runs one oneDNN call per channel on the CPU.
-            import mindspore as ms
-
-            self.conv_impl = kernels.resolve_cpu_kernels("auto", ms.get_context("device_target"))
+        # Resolved here, so the built network records the backend it really uses (fuse.inference_network reads
+        # it). MindSpore's own channelwise Conv3d runs one oneDNN call per channel on the CPU.
+        self.conv_impl = kernels.resolve_conv_impl(self.conv_impl)
 
     @property
     def input_shape(self):
         return [3, self.num_frames, self.crop_size, self.crop_size]
-
-    def as_dict(self):
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in fields(self) if f.name != "derived"}
 
 
 def create_x3d(spec: X3DSpec) -> X3D:
@@ -458,3 +454,12 @@ def build_model(name: str = "custom", num_classes: int = 400, **overrides) -> X3
     if unknown:
         raise FactorError(f"unknown model option(s): {', '.join(sorted(unknown))}")
     return create_x3d(X3DSpec(**kwargs))
+
+
+def build_from_config(model, num_classes: int, conv_impl: Optional[str] = None) -> X3D:
+    """The network of a composed `model` config group (x3d_exp.config.ModelConfig): its keys are `build_model`'s
+    (null sizes derive from the factors), and `model.cpu_kernels` is the `conv_impl` unless one is given."""
+    options = {key: (list(value) if isinstance(value, Sequence) and not isinstance(value, str) else value)
+               for key, value in model.items()}
+    name, cpu_kernels = options.pop("name"), options.pop("cpu_kernels")
+    return build_model(name, num_classes=num_classes, conv_impl=conv_impl or cpu_kernels, **options)

@@ -39,7 +39,7 @@ from x3d_exp.engine.build import build_network, setup_context
 from x3d_exp.errors import DataError, UserError, WeightsError
 from x3d_exp.models.fuse import inference_network
 from x3d_exp.tasks.windows import forward, label_windows, output_name, top_k
-from x3d_exp.weights import load_params, read_params
+from x3d_exp.weights import load_params, params_num_classes, read_params
 
 OUTPUTS = ("auto", "json", "table")
 
@@ -111,29 +111,29 @@ def _predict(network, rows: List[Tuple[_Video, np.ndarray]], batch_size: int) ->
 
 def task_infer(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
     started = time.time()
-    options = cfg.get("infer") or {}
-    inputs = options.get("inputs") or []
+    options = cfg.infer
+    inputs = options.inputs or []
     inputs = [str(inputs)] if isinstance(inputs, str) else [str(p) for p in inputs]
     if not inputs:
         raise UserError("infer.inputs: give the videos to classify (infer.inputs=[a.mp4,b.avi])")
-    ckpt = cfg.get("ckpt")
+    ckpt = cfg.ckpt
     if not ckpt:
         raise UserError("task=infer needs ckpt=PATH (a .ckpt from task=train or task=convert)")
     if not os.path.isfile(ckpt):
         raise UserError(f"ckpt={ckpt}: no such file")
-    output = str(options.get("output") or "auto")
+    output = str(options.output)
     if output not in OUTPUTS:
         raise UserError(f"infer.output={output}: must be one of {', '.join(OUTPUTS)}")
     table = output == "table" or (output == "auto" and sys.stdout.isatty())
     data = cfg.data
-    batch_size = int(options.get("batch_size") or data.eval_batch_size or data.batch_size)
+    batch_size = int(options.batch_size or data.eval_batch_size or data.batch_size)
     if batch_size < 1:
         raise UserError(f"infer.batch_size={batch_size}: must be >= 1")
     stride, crops = _window_options(options)
 
     params = read_params(ckpt)
-    num_classes = int(params["head.proj.weight"].shape[0]) if "head.proj.weight" in params else int(data.num_classes)
-    labels = options.get("labels")
+    num_classes = params_num_classes(params) or int(data.num_classes)
+    labels = options.labels
     if labels:
         names, label_source = read_labels(str(labels), num_classes), str(labels)
     else:
@@ -204,8 +204,7 @@ def task_infer(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
 
 def _window_options(options) -> Tuple[Optional[float], int]:
     """(infer.window_stride or None, infer.window_crops), checked."""
-    stride = options.get("window_stride")
-    crops = options.get("window_crops") or 1
+    stride, crops = options.window_stride, options.window_crops
     if crops not in (1, 3):
         raise UserError(f"infer.window_crops={crops}: must be 1 (the centre crop) or 3 (the test protocol's crops)")
     if stride is None:

@@ -20,15 +20,15 @@ LISTED_BAD = 20
 
 def task_prepare(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
     """prepare.src (default data.root) -> prepare.dst (default <src>_<short side>), videos at prepare.short_side."""
-    options = cfg.get("prepare") or {}
-    src = options.get("src") or cfg.data.root
+    options = cfg.prepare
+    src = options.src or cfg.data.root
     if not src:
         raise UserError("prepare.src: give the dataset root to re-encode (prepare.src=/data/k400 or data.root=...)")
-    short_side = int(options.get("short_side") or 320)
-    dst = options.get("dst") or f"{str(src).rstrip('/')}_{short_side}"
+    short_side = int(options.short_side)
+    dst = options.dst or f"{str(src).rstrip('/')}_{short_side}"
     started = time.perf_counter()
-    counts = prepare_dataset(Path(str(src)), Path(str(dst)), short_side, crf=int(options.get("crf", 23)),
-                             preset=str(options.get("preset", "veryfast")), keyint=options.get("keyint"),
+    counts = prepare_dataset(Path(str(src)), Path(str(dst)), short_side, crf=int(options.crf),
+                             preset=str(options.preset), keyint=options.keyint,
                              make_bar=lambda total: progress_bar(cfg, total, f"prepare {Path(src).name} -> "
                                                                  f"{short_side}p"),
                              report=lambda line: tqdm.write(line, file=sys.stderr))

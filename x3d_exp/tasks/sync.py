@@ -19,7 +19,7 @@ from x3d_exp.tracking.spool import SPOOL_FILE, Spool
 
 
 def task_sync(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
-    root = Path(str(cfg.sync.get("path") or job.output_dir)).expanduser().resolve()
+    root = Path(str(cfg.sync.path or job.output_dir)).expanduser().resolve()
     spools = sorted(root.rglob(SPOOL_FILE), key=lambda p: (len(p.parts), str(p)))
     if not spools:
         raise UserError(f"sync.path={root}: no {SPOOL_FILE} in it or below it (nothing a job spooled)")

@@ -21,12 +21,9 @@ server is away: a child run is created once its parent is, and a job waits at mo
 end. What needs to read the store (the summary, a resumed search's finished candidates) is skipped with one
 warning line while it is away; `python run.py task=sync sync.path=<sweep dir>` delivers the rest later.
 
-Progressive expansion (X3D's search: expand each axis a step, keep the one with the best accuracy per GMAC, repeat)
-fits as a Sweeper plugin (hydra.plugins.sweeper.Sweeper) with this recording unchanged: each round it builds one
-override list per axis from the current factors, calls `self.launcher.launch(batch, initial_job_idx)`, reads every
-job's `return_value` (run_job's dict: status, run_id, val_top1, gmacs, ...) to choose the axis, and goes on from the
-expanded factors. The parent run spans the whole multirun, so every round's jobs become its children and the final
-summary and plot cover the whole path.
+A search sweeper (x3d_exp.search, X3D's progressive expansion) launches its jobs through the same two pieces: every
+candidate is a child run, its run_job dict tells the sweeper how it did, and the sweeper's own account
+(SEARCH_RESULT) opens the sweep's last line.
 """
 
 from __future__ import annotations
@@ -58,7 +55,7 @@ log = logging.getLogger("x3d_exp.tracking.sweeps")
 PARENT_FILE = "mlflow_parent_run_id"
 SUMMARY_CSV = "sweep_summary.csv"
 SUMMARY_PLOT = "top1_vs_gmacs.png"
-# A search sweeper's own account of the sweep (x3d_exp.tracking.search), which the sweep's last line begins with.
+# A search sweeper's own account of the sweep (x3d_exp.search.progressive), which the sweep's last line begins with.
 SEARCH_RESULT = "search_result.json"
 # Tags of a search candidate's child run, from the job's sweep.step and sweep.axis.
 STEP_TAG, AXIS_TAG = "sweep.step", "sweep.axis"

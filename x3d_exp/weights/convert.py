@@ -22,7 +22,7 @@ from x3d_exp.weights.torch_pickle import load_torch_checkpoint
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("slowfast", "pytorchvideo", "mmaction2")
+CHECKPOINT_FORMATS = ("slowfast", "pytorchvideo", "mmaction2")
 # Our classifier; its row count is the checkpoint's class count.
 HEAD_PROJECTION = ("head.proj.weight", "head.proj.bias")
 
@@ -131,7 +131,7 @@ def detect_format(keys) -> str:
     found = [fmt for fmt, prefixes in _SIGNATURES.items() if any(k.startswith(prefixes) for k in keys)]
     if len(found) != 1:
         raise WeightsError(f"cannot tell the checkpoint format from its keys (first: {', '.join(keys[:3])}); "
-                           f"set convert.format to one of {', '.join(FORMATS)}")
+                           f"set convert.format to one of {', '.join(CHECKPOINT_FORMATS)}")
     return found[0]
 
 
@@ -177,8 +177,8 @@ def _bn_eps(network) -> Dict[str, float]:
 def convert_state_dict(state: Mapping[str, np.ndarray], network, fmt: str = "auto") -> Conversion:
     """Our parameter arrays from a PyTorch state dict, checked key by key and shape by shape against `network`."""
     fmt = detect_format(state) if fmt == "auto" else fmt
-    if fmt not in FORMATS:
-        raise WeightsError(f"unknown checkpoint format {fmt!r}; choose auto or one of {', '.join(FORMATS)}")
+    if fmt not in CHECKPOINT_FORMATS:
+        raise WeightsError(f"unknown checkpoint format {fmt!r}; choose auto or one of {', '.join(CHECKPOINT_FORMATS)}")
     shapes = network_shapes(network)
     num_stages = len(network.stages)
     eps = _bn_eps(network)
@@ -278,6 +278,12 @@ def load_params(network, params: Mapping[str, np.ndarray], skip: Tuple[str, ...]
         raise WeightsError("checkpoint does not fit this model (another variant?): " + "; ".join(problems))
     ms.load_param_into_net(network, {k: ms.Parameter(ms.Tensor(params[k]), name=k) for k in shapes
                                      if k not in skip}, strict_load=True)
+
+
+def params_num_classes(params: Mapping[str, np.ndarray]) -> Optional[int]:
+    """The class count of a MindSpore checkpoint's classifier (None when it has none)."""
+    weight = params.get(HEAD_PROJECTION[0])
+    return None if weight is None else int(weight.shape[0])
 
 
 def load_pretrained(network, ckpt_path: str) -> List[str]:

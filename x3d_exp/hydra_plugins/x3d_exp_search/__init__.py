@@ -2,7 +2,7 @@
 
 Hydra instantiates sweepers only from the `hydra_plugins` namespace package, so this file is installed as
 `hydra_plugins.x3d_exp_search` (setup.cfg's package_dir). It holds the Hydra plumbing; the search itself is
-x3d_exp.tracking.search.
+x3d_exp.search.progressive.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class ProgressiveSweeper(Sweeper):
 
     def sweep(self, arguments: List[str]) -> Optional[Any]:
         from x3d_exp.errors import UserError
-        from x3d_exp.tracking.search import SearchFailed, run_progressive_sweep
+        from x3d_exp.search.progressive import SearchFailed, run_progressive_sweep
 
         try:
             return run_progressive_sweep(self.config, arguments, self.launcher)

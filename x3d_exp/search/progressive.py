@@ -29,7 +29,7 @@ from x3d_exp.tracking.plots import plot_expansion_path
 from x3d_exp.tracking.spool import Spool
 from x3d_exp.tracking.sweeps import AXIS_TAG, PARENT_FILE, SEARCH_RESULT, STEP_TAG, as_float, best_val_top1
 
-log = logging.getLogger("x3d_exp.tracking.search")
+log = logging.getLogger("x3d_exp.search.progressive")
 
 # One step per axis, from the paper and its published variants (each roughly doubles the GMACs). gamma_tau is
 # the frame rate at constant duration: its step multiplies the frames and divides the sampling stride.
@@ -112,9 +112,11 @@ class SearchSettings:
         """From the `sweep` config node, checked here so a bad setting fails before any job, naming its key."""
         steps = dict(AXIS_STEPS)
         steps.update({k: float(v) for k, v in dict(sweep.get("axis_steps") or {}).items()})
-        settings = cls(steps=int(sweep.get("steps", 3)), target_gmacs=sweep.get("target_gmacs"),
-                       rule=str(sweep.get("rule", "gain_per_gmac")),
-                       axes=tuple(sweep.get("axes") or FACTORS), axis_steps=steps)
+        # A key the sweep leaves out (or sets null, or an empty axes list) keeps this class's default.
+        given = {key: sweep.get(key) for key in ("steps", "target_gmacs", "rule", "axes")
+                 if sweep.get(key) is not None and (key != "axes" or len(sweep.get(key)))}
+        settings = cls(**given, axis_steps=steps)
+        settings.steps, settings.rule, settings.axes = int(settings.steps), str(settings.rule), tuple(settings.axes)
         unknown = sorted(set(settings.axes) - set(FACTORS)) + sorted(set(steps) - set(FACTORS))
         if unknown:
             raise ConfigError(f"sweep.axes / sweep.axis_steps: unknown factor(s) {', '.join(unknown)}; "
@@ -305,15 +307,14 @@ def trained_gmacs(config, factors: Dict[str, float]) -> float:
     """GMACs of the model with these factors at the clip the run's data group would train it on."""
     from omegaconf import OmegaConf
 
-    from x3d_exp.config import input_sizes, model_kwargs, train_clip
+    from x3d_exp.config import input_sizes, train_clip
     from x3d_exp.data.loader import resolve_num_classes
-    from x3d_exp.models import build_model
+    from x3d_exp.models import build_from_config
     from x3d_exp.models.summary import trace_network
 
     cfg = OmegaConf.merge(OmegaConf.masked_copy(config, ["model", "data"]), {"model": factors})
     # data=folder leaves the count null: its jobs size the head from the class folders, so the cost does too.
-    net = build_model(cfg.model.name, num_classes=resolve_num_classes(cfg.data), conv_impl="native",
-                      **model_kwargs(cfg))
+    net = build_from_config(cfg.model, resolve_num_classes(cfg.data), conv_impl="native")
     return trace_network(net, train_clip(input_sizes(cfg, net.spec))).gmacs
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from x3d_exp.bench.speed.driver import main
+
+sys.exit(main())
