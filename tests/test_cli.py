@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from tests.cli_helpers import final_json, run_cli, runs_of, store_uri
 
@@ -40,3 +41,23 @@ def test_smoke_preset_runs_one_tiny_epoch_in_its_own_data_folder(cache, tmp_path
     assert run.data.params["data.root"] == str(cache / "synthetic_smoke")
     # The set generated for the run's clip, in its own folder under the preset's data.root.
     assert len(list((cache / "synthetic_smoke").glob("*px-*/synthetic.json"))) == 1
+
+
+@pytest.mark.parametrize("overrides, fix", [
+    (["launcher=distributed_gpu"], "launcher=distributed_cpu"),
+    (["device=GPU"], "device=CPU"),
+])
+def test_a_gpu_that_is_not_there_is_one_line_with_the_fix_before_anything_starts(overrides, fix, cache, tmp_path):
+    # No GPU visible even on a machine that has one, so the check is the same everywhere.
+    env = {"CUDA_VISIBLE_DEVICES": ""}
+    done = run_cli(overrides + [f"hydra.run.dir={tmp_path / 'run'}", f"mlflow.tracking_uri={store_uri(tmp_path)}"],
+                   cwd=tmp_path, cache=cache, timeout=300, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and overrides[0] in errors[0] and fix in errors[0], done.stderr[-2000:]
+    # Stopped before msrun or MindSpore's device set-up: no rank started, no traceback, no MLflow run.
+    assert "Traceback" not in done.stderr and "Unsupported device target" not in done.stderr
+    assert not (tmp_path / "run" / "msrun_logs").exists()
+    if (tmp_path / "mlflow.db").exists():
+        client = MlflowClient(store_uri(tmp_path))
+        assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
