@@ -106,7 +106,7 @@ def x3d_training_cell(cfg):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_root):
+def three_epochs(tmp_path_factory, data_root):
     """Three epochs of two steps (4 videos, batch 2) with every callback."""
     train_dir = tmp_path_factory.mktemp("callbacks_run")
     import mindspore as ms
@@ -122,8 +122,8 @@ def trained(tmp_path_factory, data_root):
     return cfg, state, tracker, network, callbacks, train_dir
 
 
-def test_the_callbacks_come_in_the_documented_order(trained):
-    *_, callbacks, _ = trained
+def test_the_callbacks_come_in_the_documented_order(three_epochs):
+    *_, callbacks, _ = three_epochs
     assert [type(c) for c in callbacks] == [StepLogger, BatchNormStatistics, Validation, BadVideoCount, Checkpointing]
 
 
@@ -136,8 +136,8 @@ def test_trainstate_validates_and_saves_on_its_epochs_and_always_at_the_last():
     assert (state.best_top1, state.history, state.best_path, state.last_paths) == (-1.0, [], None, [])
 
 
-def test_every_step_and_epoch_is_logged_on_one_global_step_axis(trained):
-    cfg, state, tracker, *_ = trained
+def test_every_step_and_epoch_is_logged_on_one_global_step_axis(three_epochs):
+    cfg, state, tracker, *_ = three_epochs
     steps = state.steps_per_epoch
     assert steps == 2
     assert tracker.steps_of("train/loss") == list(range(1, EPOCHS * steps + 1))
@@ -149,8 +149,8 @@ def test_every_step_and_epoch_is_logged_on_one_global_step_axis(trained):
     assert rates[0] == pytest.approx(cfg.optim.lr / 10) and rates[steps] == pytest.approx(cfg.optim.lr)
 
 
-def test_keep_last_leaves_the_newest_epochs_and_the_history_goes_with_them(trained):
-    _, state, _, _, _, train_dir = trained
+def test_keep_last_leaves_the_newest_epochs_and_the_history_goes_with_them(three_epochs):
+    _, state, _, _, _, train_dir = three_epochs
     ckpt_dir = train_dir / "checkpoints"
     assert [p.name for p in epoch_checkpoints(ckpt_dir)] == ["epoch0002.ckpt", "epoch0003.ckpt"]
     assert state.last_paths == epoch_checkpoints(ckpt_dir)
@@ -161,10 +161,10 @@ def test_keep_last_leaves_the_newest_epochs_and_the_history_goes_with_them(train
     assert not [p.name for p in ckpt_dir.iterdir() if "partial" in p.name]
 
 
-def test_the_best_checkpoint_holds_the_best_validated_epoch_and_trainstate_resumes_from_the_files(trained):
+def test_the_best_checkpoint_holds_the_best_validated_epoch_and_trainstate_resumes_from_the_files(three_epochs):
     import mindspore as ms
 
-    cfg, state, _, _, _, train_dir = trained
+    cfg, state, _, _, _, train_dir = three_epochs
     tops = [r["val_top1"] for r in state.history if "val_top1" in r]
     assert state.best_top1 == max(tops) and state.best_path == train_dir / "checkpoints" / BEST_CKPT
     best_epoch = next(r["epoch"] for r in state.history if r.get("val_top1") == max(tops))

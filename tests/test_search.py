@@ -143,6 +143,7 @@ def test_bad_search_settings_fail_naming_the_key():
         SearchSettings.from_config({"axes": ["gamma_x"]})
 
 
+@pytest.mark.slow
 def test_the_sweeper_is_a_discoverable_hydra_plugin():
     done = subprocess.run([sys.executable, str(REPO / "run.py"), "--info", "plugins"], capture_output=True, text=True,
                           timeout=300, cwd=REPO.parent)
@@ -339,6 +340,7 @@ def fresh_venv_over_this_interpreter(venv: Path) -> str:
     return python
 
 
+@pytest.mark.slow
 def test_a_wheel_install_puts_the_sweeper_where_hydra_finds_it(tmp_path):
     """A normal (non-editable) install: the wheel, installed into a fresh virtual environment."""
     wheel_dir, venv = tmp_path / "wheel", tmp_path / "venv"
