@@ -1,13 +1,16 @@
-"""The command line as users meet it: one-line errors for bad overrides, and the debug preset end to end."""
+"""The command line as users meet it: one-line errors for bad overrides and devices, and the debug preset end to end."""
 
 from __future__ import annotations
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.cli_helpers import final_json, run_cli, runs_of, store_uri
+from tests.cli_helpers import REPO, final_json, run_cli, runs_of, store_uri
+from x3d_exp.cli import check_overrides
+from x3d_exp.config import register_configs
 
 
+# Caught when run.py composes the config before Hydra starts (x3d_exp.cli.check_overrides): tested in process.
 @pytest.mark.parametrize("overrides, named", [
     (["model=x3d_q"], "model=x3d_q"),
     (["optim.lr=-0.1"], "optim.lr"),
@@ -16,18 +19,31 @@ from tests.cli_helpers import final_json, run_cli, runs_of, store_uri
     (["model.gamma_d=-1"], "model.gamma_d"),
     (["model.no_such_key=1"], "model.no_such_key"),
     (["optim.clip_grad_norm=0"], "optim.clip_grad_norm"),
+])
+def test_a_bad_override_is_one_error_line_and_exit_status_2(overrides, named, capsys):
+    register_configs()  # as run.py does on import
+    with pytest.raises(SystemExit) as exited:
+        check_overrides(str(REPO / "conf"), "config", overrides)
+    assert exited.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and named in errors[0], errors
+    if overrides[0] == "model=x3d_q":
+        assert "x3d_xs" in errors[0]  # the valid options are listed
+
+
+# Through the real CLI: one error caught before Hydra starts, and the ones found while the job runs.
+@pytest.mark.parametrize("overrides, named", [
+    (["model=x3d_q"], "model=x3d_q"),
     (["data=k400"], "data.root"),
     (["data=k400", "data.root=/no/such/k400"], "/no/such/k400"),
 ])
 def test_bad_overrides_exit_non_zero_with_one_line(overrides, named, cache, tmp_path):
     done = run_cli(overrides + [f"hydra.run.dir={tmp_path / 'run'}", f"mlflow.tracking_uri={store_uri(tmp_path)}"],
                    cwd=tmp_path, cache=cache, timeout=300)
-    assert done.returncode != 0
+    assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and named in errors[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
-    if overrides[0] == "model=x3d_q":
-        assert "x3d_xs" in errors[0]  # the valid options are listed
 
 
 def test_smoke_preset_runs_one_tiny_epoch_in_its_own_data_folder(cache, tmp_path):
