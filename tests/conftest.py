@@ -13,19 +13,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.cli_helpers import TINY, compose_config, final_json, multirun, run_cli, store_uri  # noqa: E402
+from tests.cli_helpers import TINY, final_json, multirun, run_cli, store_uri  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory):
     """One data and kernel cache for the session's CLI runs, so the synthetic set is rendered once."""
     return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="session")
-def cfg_tiny():
-    """The default config with the tiny settings of the CLI tests (tests.cli_helpers.TINY), composed by Hydra."""
-    return compose_config(*TINY)
 
 
 @pytest.fixture(scope="session")
