@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.cli_helpers import TINY, final_json, multirun, run_cli, store_uri  # noqa: E402
+from tests.cli_helpers import SHALLOW, TINY, final_json, multirun, run_cli, store_uri  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +24,10 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, cache):
-    """One finished 2-epoch training run through the real CLI, shared by the tests that inspect what it left."""
+    """One finished 2-epoch training run through the real CLI, shared by the tests that inspect what it left (its
+    records, not its network: so the shallow X3D-XS, whose graph compiles in about half the time)."""
     work = tmp_path_factory.mktemp("train")
-    done = run_cli(TINY + ["trainer.epochs=2", "schedule.warmup_epochs=1", "trainer.precise_bn_batches=2",
+    done = run_cli(TINY + SHALLOW + ["trainer.epochs=2", "schedule.warmup_epochs=1", "trainer.precise_bn_batches=2",
                            "mlflow.system_metrics=true", "mlflow.system_metrics_interval=1",
                            f"hydra.run.dir={work / 'run'}", f"mlflow.tracking_uri={store_uri(work)}"],
                    cwd=work, cache=cache)
