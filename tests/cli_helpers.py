@@ -34,8 +34,10 @@ def cli_env(cache: Path) -> dict:
     return env
 
 
-def run_cli(args: List[str], *, cwd: Path, cache: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=cli_env(cache),
+def run_cli(args: List[str], *, cwd: Path, cache: Path, timeout: float = 600,
+            env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    """`run.py args` in `cwd` with the test cache (and the variables of `env` on top of ours)."""
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env={**cli_env(cache), **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.cli_helpers import TINY, compose_config, final_json, multirun, run_cli, store_uri  # noqa: E402
+from tests.cli_helpers import SHALLOW, TINY, compose_config, final_json, multirun, run_cli, store_uri  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,9 +30,10 @@ def cfg_tiny():
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, cache):
-    """One finished 2-epoch training run through the real CLI, shared by the tests that inspect what it left."""
+    """One finished 2-epoch training run through the real CLI, shared by the tests that inspect what it left (its
+    records, not its network: so the shallow X3D-XS, whose graph compiles in about half the time)."""
     work = tmp_path_factory.mktemp("train")
-    done = run_cli(TINY + ["trainer.epochs=2", "schedule.warmup_epochs=1", "trainer.precise_bn_batches=2",
+    done = run_cli(TINY + SHALLOW + ["trainer.epochs=2", "schedule.warmup_epochs=1", "trainer.precise_bn_batches=2",
                            "mlflow.system_metrics=true", "mlflow.system_metrics_interval=1",
                            f"hydra.run.dir={work / 'run'}", f"mlflow.tracking_uri={store_uri(work)}"],
                    cwd=work, cache=cache)
@@ -54,6 +55,11 @@ def expansion(tmp_path_factory, cache):
 # Session fixtures that run a whole job: under pytest-xdist every test that uses one goes to the same worker, so the
 # job runs once.
 SHARED_JOBS = ("trained", "expansion")
+# The slow tier, marked here rather than test by test, so that a test added anywhere lands in it by what it uses:
+# every CLI run takes the `cache` fixture (tests.cli_helpers.run_cli needs it), and so does every job fixture built on
+# run_cli (the shared jobs above, a file's own session job). Anything slow that uses neither carries
+# @pytest.mark.slow itself. docs/testing.md states the rule and the fast tier's budget.
+SLOW_FIXTURES = ("cache", *SHARED_JOBS)
 
 
 def _uses_a_session_fixture_of_its_file(item) -> bool:
@@ -66,8 +72,11 @@ def pytest_collection_modifyitems(config, items):
     """With `-n N --dist loadgroup` (pytest-xdist): one group per shared job, and one per test file for the tests that
     use a session fixture of their file (such as test_search's resumed search), so that each such job runs once, in
     one worker. The other tests are free, so that long ones (the data groups' CLI runs) spread over the workers.
-    tryfirst: xdist reads the groups in its own hook of this name; marks added after it are ignored."""
+    tryfirst: xdist reads the groups in its own hook of this name; marks added after it are ignored.
+    Also marks slow every test that uses a fixture of SLOW_FIXTURES (itself or through another fixture)."""
     for item in items:
+        if any(name in item.fixturenames for name in SLOW_FIXTURES):
+            item.add_marker(pytest.mark.slow)
         shared = [name for name in SHARED_JOBS if name in item.fixturenames]
         if shared:
             item.add_marker(pytest.mark.xdist_group(shared[0]))

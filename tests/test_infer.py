@@ -81,6 +81,7 @@ def expected_probs(ckpt: Path, video: Path) -> tuple:
     return per_view.mean(axis=0), per_view
 
 
+@pytest.mark.slow
 def test_json_lines_errors_and_exit_status(assets):
     inputs = [assets / "a.mp4", assets / "missing.mp4", assets / "b.avi", assets / "page.mp4"]
     done = run_infer(assets, "run_json", f"infer.inputs=[{','.join(repr(str(p)) for p in inputs)}]",
@@ -113,6 +114,7 @@ def test_json_lines_errors_and_exit_status(assets):
     assert errors[-1] == "error: 2 of 4 inputs could not be read (named above)"
 
 
+@pytest.mark.slow
 def test_table_with_class_names_from_the_dataset_annotation(assets):
     cfg = data_cfg(assets / "synthetic", name="synthetic", annotation_prefix="synthetic", num_classes=4)
     cfg.synthetic.update(train_per_class=1, val_per_class=1, test_per_class=1, frames=8, size=32)
@@ -129,6 +131,7 @@ def test_table_with_class_names_from_the_dataset_annotation(assets):
     assert json.loads(lines[6])["labels"] == str(root / "synthetic_train.csv")
 
 
+@pytest.mark.slow
 def test_indices_only_without_class_names(assets):
     done = run_infer(assets, "run_plain", f"infer.inputs=['{assets / 'a.mp4'}']", f"data.root={assets / 'none'}")
     assert done.returncode == 0, done.stderr

@@ -96,6 +96,7 @@ def test_matches_nn_conv3d(case, pynative_mode):
     check_case(case)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["3x3x3 stride 1,2,2, odd (test crop)", "stem 5x1x1"])
 def test_matches_nn_conv3d_in_graph_mode(case, graph_mode):
     check_case(case)
@@ -113,6 +114,7 @@ def check_case(case):
     assert rel_err(dw, dw_ref) <= GRAD_RTOL
 
 
+@pytest.mark.slow
 def test_train_one_step_cell_in_graph_mode(graph_mode):
     """One SGD step through nn.TrainOneStepCell moves the weights as with nn.Conv3d."""
     ours, native = pair(4, (3, 3, 3), (1, 2, 2), (1, 1, 1, 1, 1, 1))
@@ -203,6 +205,7 @@ def test_batchnorm_act_is_a_batchnorm3d():
     assert not cell.bn2d.gamma.asnumpy().any()
 
 
+@pytest.mark.slow
 def test_batchnorm_train_step_in_graph_mode(graph_mode):
     """nn.TrainOneStepCell: the same weights and running statistics after two steps as nn.BatchNorm3d."""
     rng = np.random.default_rng(7)
@@ -268,6 +271,7 @@ def randomise_batchnorms(net, seed):
             param.set_data(Tensor(value.astype(np.float32)))
 
 
+@pytest.mark.slow
 def test_fused_inference_network_matches_eval_mode(graph_mode):
     """BatchNorms folded into the channelwise kernels: the same logits at the training and a test crop."""
     from x3d_exp.models import build_model
@@ -308,6 +312,7 @@ def small_x3d(conv_impl):
                        head_width=32, dropout=0.0)
 
 
+@pytest.mark.slow
 def test_full_model_auto_matches_native(pynative_mode):
     """Same weights, same logits and gradients; parameter names and shapes interchangeable."""
     from x3d_exp.models.summary import trace_network
@@ -338,6 +343,7 @@ def test_full_model_auto_matches_native(pynative_mode):
     assert max(rel_err(g, r) for g, r in zip(grads_, grads_ref)) <= GRAD_RTOL
 
 
+@pytest.mark.slow
 def test_fallback_warns_once_and_matches(broken_compiler, caplog):
     from x3d_exp.models.x3d import channelwise_conv3d
 
@@ -378,6 +384,7 @@ def test_resolve_conv_impl():
         kernels.resolve_conv_impl("fast", "CPU")
 
 
+@pytest.mark.slow
 def test_cache_key_and_parallel_builds(tmp_path, monkeypatch):
     """Parallel first builds (msrun ranks, pytest workers) leave one complete library and no temp files."""
     env = {**os.environ, "X3D_EXP_CACHE": str(tmp_path)}

@@ -41,6 +41,7 @@ def test_gmacs_within_one_percent(name):
     assert trace_network(net, test_input).gmacs == pytest.approx(test_gmacs, rel=0.01)
 
 
+@pytest.mark.slow
 def test_traced_counts_equal_counts_hooked_on_a_real_forward():
     net = build_model("x3d_xs", num_classes=7, gamma_w=1.5, num_frames=3, conv_impl=CONV_IMPL)
     shape = [3, 3, 70, 50]  # odd sizes exercise the stride arithmetic
@@ -106,6 +107,7 @@ def test_structure_channelwise_convs_bn_and_se_placement():
     assert net.head.proj.weight.shape == (400, 2048)
 
 
+@pytest.mark.slow
 def test_unusual_factor_combinations_build_and_run():
     ms.set_context(mode=ms.PYNATIVE_MODE)
     for overrides in (dict(gamma_w=1.5), dict(gamma_d=1), dict(gamma_b=1), dict(num_frames=5, crop_size=48)):
@@ -118,6 +120,7 @@ def test_unusual_factor_combinations_build_and_run():
     assert build_model("x3d_xs", gamma_d=1).spec.stage_depths == [1, 2, 5, 3]
 
 
+@pytest.mark.slow
 def test_output_shapes_at_training_and_test_crop_in_graph_mode():
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
@@ -130,6 +133,7 @@ def test_output_shapes_at_training_and_test_crop_in_graph_mode():
         ms.set_context(mode=ms.PYNATIVE_MODE)
 
 
+@pytest.mark.slow
 def test_gradients_reach_every_parameter_in_graph_mode():
     ms.set_context(mode=ms.GRAPH_MODE)
     try:
@@ -171,6 +175,7 @@ def test_unknown_variant_lists_the_choices():
         build_model("x3d_q")
 
 
+@pytest.mark.slow
 def test_the_public_build_model_runs_on_the_cpu_kernels_by_default():
     """`from x3d_exp import build_model; build_model("x3d_xs")` is the documented API: with MindSpore on the CPU it
     must pick the C++ kernels, not MindSpore's per-channel Conv3d (which took >15 min for one XS step)."""
@@ -190,6 +195,7 @@ def test_the_public_build_model_runs_on_the_cpu_kernels_by_default():
     assert sorted(p.name for p in native.get_parameters()) == sorted(p.name for p in net.get_parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order, warned", [("import x3d_exp; import mindspore", False),
                                            ("import mindspore; import x3d_exp", True)])
 def test_importing_the_package_gives_the_process_set_up_and_says_when_mindspore_came_first(order, warned):
@@ -226,6 +232,7 @@ print(digest.hexdigest(), round(float(np.mean(kept)), 3), sorted(values))
 """
 
 
+@pytest.mark.slow
 def test_dropout_masks_repeat_under_the_same_seed_in_separate_processes():
     """MindSpore's CPU Dropout op drew different masks in two processes seeded alike after some calls (which made
     seeded trainings drift apart); the head's dropout must repeat them exactly, and still depend on the seed."""

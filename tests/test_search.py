@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import site
 import subprocess
 import sys
 import time
@@ -198,6 +199,7 @@ def test_bad_search_settings_fail_naming_the_key():
         SearchSettings.from_config({"target_gmacs": 0})
 
 
+@pytest.mark.slow
 def test_the_sweeper_is_a_discoverable_hydra_plugin():
     done = subprocess.run([sys.executable, str(REPO / "run.py"), "--info", "plugins"], capture_output=True, text=True,
                           timeout=300, cwd=REPO.parent)
@@ -380,6 +382,21 @@ def test_the_found_model_trains_with_model_equals(resumed_search, cache):
     assert "x".join(str(d) for d in result["clip"]) == found["clip"] and result["gmacs"] == pytest.approx(found.gmacs)
 
 
+def fresh_venv_over_this_interpreter(venv: Path) -> str:
+    """A new virtual environment that sees this interpreter's packages (hydra, omegaconf, ...) after its own; returns
+    its python. Not `venv --system-site-packages`: run from inside a venv, that exposes the base interpreter's
+    packages, not this venv's. A .pth file of plain paths puts this interpreter's site-packages on the new one's
+    path without running their .pth files, so this checkout's own (editable) install stays out of sight."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
+    python = str(venv / "bin" / "python")
+    own = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], capture_output=True,
+                         text=True, check=True, timeout=60).stdout.strip()
+    outer = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    (Path(own) / "outer_site_packages.pth").write_text("".join(f"{path}\n" for path in outer if Path(path).is_dir()))
+    return python
+
+
+@pytest.mark.slow
 def test_a_wheel_install_puts_the_sweeper_where_hydra_finds_it(tmp_path):
     """A normal (non-editable) install: the wheel, installed into a fresh virtual environment."""
     wheel_dir, venv = tmp_path / "wheel", tmp_path / "venv"
@@ -387,10 +404,10 @@ def test_a_wheel_install_puts_the_sweeper_where_hydra_finds_it(tmp_path):
                             str(wheel_dir), str(REPO)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = wheel_dir.glob("x3d_exp-*.whl")
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
-    python = str(venv / "bin" / "python")
-    installed = subprocess.run([python, "-m", "pip", "install", "--no-deps", "-q", str(wheel)], capture_output=True,
-                               text=True, timeout=600)
+    python = fresh_venv_over_this_interpreter(venv)
+    # --ignore-installed: this interpreter's own install of x3d-exp is visible (the same version) and stays untouched.
+    installed = subprocess.run([python, "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", str(wheel)],
+                               capture_output=True, text=True, timeout=600)
     assert installed.returncode == 0, installed.stderr[-3000:]
     probe = ("import hydra_plugins.x3d_exp_search as m; from hydra.core.plugins import Plugins; "
              "from hydra.plugins.sweeper import Sweeper; print(m.__file__); "

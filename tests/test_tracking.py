@@ -17,6 +17,7 @@ import pytest
 from tests.cli_helpers import REPO, SHALLOW, TINY, cli_env, mlflow_server, run_cli, runs_of, store_uri
 
 
+@pytest.mark.slow
 def test_only_runs_whose_process_is_gone_from_this_host_are_closed_killed(tmp_path):
     from mlflow.tracking import MlflowClient
     from x3d_exp.tracking.runs import close_orphaned_runs, experiment_id, open_run
@@ -109,6 +110,7 @@ def test_system_metrics_are_sampled_when_asked_for(trained):
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
 
 
+@pytest.mark.slow
 def test_an_experiment_made_without_the_kind_gets_it_back_filled(tmp_path):
     from mlflow.tracking import MlflowClient
     from x3d_exp.tracking.runs import experiment_id

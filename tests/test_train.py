@@ -58,7 +58,7 @@ def test_learning_rate_follows_warmup_then_cosine(trained):
 def test_test_task_on_the_best_checkpoint_reproduces_the_final_test(trained, cache, tmp_path):
     work, result, _ = trained
     best = work / "run" / "checkpoints" / "best.ckpt"
-    done = run_cli(TINY + ["task=test", f"ckpt={best}", f"hydra.run.dir={tmp_path / 'run'}",
+    done = run_cli(TINY + SHALLOW + ["task=test", f"ckpt={best}", f"hydra.run.dir={tmp_path / 'run'}",
                            f"mlflow.tracking_uri={store_uri(tmp_path)}"], cwd=tmp_path, cache=cache)
     assert done.returncode == 0, done.stderr[-3000:]
     tested = final_json(done.stdout)

@@ -125,6 +125,7 @@ def test_rejects_files_that_are_not_checkpoints(tmp_path):
         task_convert(compose(convert={"src": str(tmp_path / "missing.pyth")}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 def test_reads_tensors_like_torch(tmp_path, zip_format):
     torch = pytest.importorskip("torch")
@@ -214,6 +215,7 @@ def convert(tmp_path, src, model="x3d_xs", **convert_options):
     return cfg, task_convert(cfg)
 
 
+@pytest.mark.slow
 def test_pytorchvideo_xs_logits_match(x3d_xs, tmp_path):
     _, inputs, logits, path = x3d_xs
     cfg, result = convert(tmp_path, path)
@@ -226,6 +228,7 @@ def test_pytorchvideo_xs_logits_match(x3d_xs, tmp_path):
     assert diff <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_pytorchvideo_m_logits_match(create_x3d, tmp_path):
     """X3D-M on an 8x128x128 clip (its own is 16x224x224), PyTorchVideo built for that clip, to save CPU time."""
     import torch
@@ -286,6 +289,7 @@ def rename(state, fixed, parts, block_prefix, first_shortcut_bn):
     return out
 
 
+@pytest.mark.slow
 def test_slowfast_keys_logits_match(x3d_xs, tmp_path):
     import torch
 
@@ -306,6 +310,7 @@ def test_slowfast_keys_logits_match(x3d_xs, tmp_path):
     assert diff <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_mmaction2_keys_logits_match(x3d_xs, tmp_path):
     import torch
 
@@ -333,12 +338,14 @@ def _save_state(tmp_path, state, name="edited.pyth"):
     return path
 
 
+@pytest.mark.slow
 def test_other_variant_fails_naming_a_key(x3d_xs, tmp_path):
     # X3D-L is deeper (gamma_d 5.0): blocks missing from an X3D-XS checkpoint.
     with pytest.raises(UserError, match=r"missing: blocks\.1\.res_blocks\.3\.branch2\.conv_a\.weight"):
         convert(tmp_path, x3d_xs[3], model="x3d_l")
 
 
+@pytest.mark.slow
 def test_edited_checkpoints_fail_naming_the_key(x3d_xs, tmp_path):
     import torch
 
@@ -356,6 +363,7 @@ def test_edited_checkpoints_fail_naming_the_key(x3d_xs, tmp_path):
         convert(tmp_path, _save_state(tmp_path, {"fc.weight": torch.zeros(2, 2)}, "other.pyth"))
 
 
+@pytest.mark.slow
 def test_load_pretrained_skips_a_head_of_another_class_count(x3d_xs, tmp_path):
     import mindspore as ms
 
@@ -379,6 +387,7 @@ TINY = dict(stem_width=8, stage_widths=[8, 16], inner_widths=[16, 32], stage_dep
             head_width=64, num_frames=2, crop_size=32)
 
 
+@pytest.mark.slow
 def test_export_mindir_round_trip(tmp_path):
     from mindspore import nn
 
@@ -395,6 +404,7 @@ def test_export_mindir_round_trip(tmp_path):
     assert diff <= TOLERANCE and scale > 0
 
 
+@pytest.mark.slow
 def test_export_onnx_round_trip(tmp_path):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
@@ -407,6 +417,7 @@ def test_export_onnx_round_trip(tmp_path):
     assert diff <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_task_export_from_converted_checkpoint(tmp_path):
     """task=export loads `ckpt`, takes its class count, exports and checks the file."""
     import mindspore as ms
@@ -428,6 +439,7 @@ def test_task_export_from_converted_checkpoint(tmp_path):
         task_export(compose(*small, export={"format": "PNG"}))
 
 
+@pytest.mark.slow
 def test_exporting_a_network_on_the_cpu_kernels_says_how_to_export_it(tmp_path):
     from x3d_exp.models import build_model
 

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from x3d_exp.config import JobContext
 from x3d_exp.distributed import RESULT_FILE
+from x3d_exp.engine.build import check_device
 from x3d_exp.engine.checkpoint import resolve_resume
 from x3d_exp.env import ADOPTED_RUN_ENV, under_msrun
 from x3d_exp.errors import LaunchError, UserError
@@ -64,6 +65,7 @@ def check_launcher(cfg: DictConfig) -> None:
         problems.append(f"device={cfg.device} conflicts with launcher={lc.name}, which runs on {lc.device}")
     if problems:
         raise UserError("; ".join(problems))
+    check_device(cfg)
     if not ENTRY.is_file():
         raise UserError(f"launcher={lc.name} restarts {ENTRY}, which does not exist (install the repository "
                         f"with `pip install -e .`)")

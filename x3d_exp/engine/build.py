@@ -12,24 +12,44 @@ from mindspore import nn, ops
 from mindspore.train import Model
 from omegaconf import DictConfig
 
+from x3d_exp.errors import UserError
 from x3d_exp.kernels import resolve_conv_impl
 from x3d_exp.models import build_from_config
 
 log = logging.getLogger("x3d_exp.engine")
 
 
+def device_available(target: str) -> bool:
+    """Whether MindSpore can run on `target` in this process (its plugin loads and sees a device)."""
+    if target == "CPU":
+        return True
+    try:
+        return bool(ms.hal.is_available(target))
+    except Exception:  # builds without the device's plugin raise instead of answering
+        return False
+
+
 def resolve_device(setting: str) -> str:
     if setting != "auto":
         return setting
-    try:
-        return "GPU" if ms.hal.is_available("GPU") else "CPU"
-    except Exception:  # builds without the GPU plugin raise instead of answering
-        return "CPU"
+    return "GPU" if device_available("GPU") else "CPU"
+
+
+def check_device(cfg: DictConfig) -> str:
+    """The device the job runs on; a device MindSpore cannot use here is a one-line error naming the fix, raised
+    before anything starts (MindSpore's own error is a multi-line RuntimeError, once per msrun rank)."""
+    # A distributed launcher names its device (its collective library only exists there).
+    device = resolve_device(cfg.launcher.device or cfg.device)
+    if not device_available(device):
+        fix = ("launcher=distributed_cpu" if cfg.launcher.device else "device=CPU (or device=auto)")
+        key = f"launcher={cfg.launcher.name}" if cfg.launcher.device else f"device={cfg.device}"
+        raise UserError(f"{key}: MindSpore cannot use a {device} in this process (no {device} found, or this "
+                        f"MindSpore build has no working {device} plugin); use {fix}")
+    return device
 
 
 def setup_context(cfg: DictConfig) -> str:
-    # A distributed launcher names its device (its collective library only exists there).
-    device = resolve_device(cfg.launcher.device or cfg.device)
+    device = check_device(cfg)
     mode = ms.GRAPH_MODE if cfg.trainer.graph_mode else ms.PYNATIVE_MODE
     ms.set_context(mode=mode, device_target=device)
     ms.set_seed(int(cfg.seed))
