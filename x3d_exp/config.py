@@ -105,6 +105,8 @@ class MlflowConfig:
     # MLflow's own CPU, memory, disk, network (and GPU where present) sampling, as system/* metrics.
     system_metrics: bool = False
     system_metrics_interval: float = 10.0
+    # Register each train run's model as a new version of this registered model (null: do not register).
+    registered_model: Optional[str] = None
 
 
 @dataclass

@@ -12,7 +12,8 @@ An input that is missing or cannot be decoded gives `error: <path>: <reason>` on
 processed; if any failed the run ends with one more error line and exit status 2.
 
 The class count is the checkpoint's (rows of its classifier), whatever `data.num_classes` says. Class names come
-from `infer.labels` (one per line), else from the configured dataset's annotation if it can be read and has that
+from `infer.labels` (one per line), else from the MLflow model given as `ckpt` (models:/..., runs:/..., or a
+train job's `mlflow_model` folder), else from the configured dataset's annotation if it can be read and has that
 many classes (never generated or downloaded for this), else `label` is null.
 
 No MLflow run is made: inference records nothing but its output.
@@ -21,7 +22,6 @@ No MLflow run is made: inference records nothing but its output.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,10 +36,10 @@ from x3d_exp.data import load_video_views
 from x3d_exp.data.annotations import SPLITS, load_split
 from x3d_exp.data.synthetic import MANIFEST, SYNTHETIC_GROUPS
 from x3d_exp.engine.build import build_network, setup_context
-from x3d_exp.engine.evaluate import softmax
+from x3d_exp.engine.evaluate import softmax, top_k
 from x3d_exp.errors import DataError, UserError, WeightsError
 from x3d_exp.models.fuse import inference_network
-from x3d_exp.weights import load_params, read_params
+from x3d_exp.weights import load_params, local_checkpoint, model_description, read_params
 
 TOP_K = 5
 OUTPUTS = ("auto", "json", "table")
@@ -87,12 +87,6 @@ def dataset_labels(data: DictConfig, num_classes: int) -> Tuple[Optional[List[st
     return None, reasons[0]
 
 
-def top_k(probs: np.ndarray, names: Optional[List[str]]) -> List[dict]:
-    # Stable sort: equal probabilities keep class order, so the output is reproducible.
-    order = np.argsort(-probs, kind="stable")[:TOP_K]
-    return [{"label": names[i] if names else None, "index": int(i), "prob": float(probs[i])} for i in order]
-
-
 def format_table(record: dict, views: int) -> str:
     rows = [f"{record['video']}  ({views} views)", "  rank    prob  index  label"]
     for rank, entry in enumerate(record["top5"], start=1):
@@ -129,9 +123,12 @@ def task_infer(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
         raise UserError("infer.inputs: give the videos to classify (infer.inputs=[a.mp4,b.avi])")
     ckpt = cfg.get("ckpt")
     if not ckpt:
-        raise UserError("task=infer needs ckpt=PATH (a .ckpt from task=train or task=convert)")
-    if not os.path.isfile(ckpt):
-        raise UserError(f"ckpt={ckpt}: no such file")
+        raise UserError("task=infer needs ckpt=PATH (a .ckpt from task=train or task=convert, or an MLflow model "
+                        "URI such as models:/NAME/VERSION)")
+    try:
+        weights = local_checkpoint(ckpt, cfg.mlflow.tracking_uri)
+    except WeightsError as err:
+        raise UserError(str(err)) from None
     output = str(options.get("output") or "auto")
     if output not in OUTPUTS:
         raise UserError(f"infer.output={output}: must be one of {', '.join(OUTPUTS)}")
@@ -141,11 +138,14 @@ def task_infer(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
     if batch_size < 1:
         raise UserError(f"infer.batch_size={batch_size}: must be >= 1")
 
-    params = read_params(ckpt)
+    params = read_params(weights)
     num_classes = int(params["head.proj.weight"].shape[0]) if "head.proj.weight" in params else int(data.num_classes)
     labels = options.get("labels")
+    described = model_description(weights)
     if labels:
         names, label_source = read_labels(str(labels), num_classes), str(labels)
+    elif described:
+        names, label_source = described["class_names"], ckpt
     else:
         names, label_source = dataset_labels(data, num_classes)
         if names is None:
@@ -167,7 +167,7 @@ def task_infer(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
                      num_crops=int(data.test_num_crops), target_fps=float(data.target_fps))
 
     def emit(video: _Video) -> None:
-        record = {"video": video.path, "top5": top_k(video.prob_sum / video.views, names)}
+        record = {"video": video.path, "top5": top_k(video.prob_sum / video.views, names, TOP_K)}
         sys.stdout.write(format_table(record, video.views) if table else json.dumps(record) + "\n")
         sys.stdout.flush()
 

@@ -19,9 +19,9 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from x3d_exp.config import JobContext
+from x3d_exp.config import FACTORS, JobContext
 from x3d_exp.env import under_msrun
-from x3d_exp.tracking.runs import (ADOPT_ENV, close_orphaned_runs, create_run, log_params, owner_tags,
+from x3d_exp.tracking.runs import (ADOPT_ENV, close_orphaned_runs, create_run, git_commit, log_params, owner_tags,
                                    view_command)
 
 __all__ = ["ADOPT_ENV", "Tracker"]
@@ -147,3 +147,19 @@ class Tracker:
         summary.write_text(format_summary(model_name, nominal) + f"\n\nat the trained clip {list(trained.input_shape)}"
                            f": {trained.gmacs:.4f} GMACs\nloader clip sizes: {sizes}\n")
         self.log_artifact(summary, None)
+
+    def log_trained_model(self, model_dir: Path, metrics: dict) -> Optional[dict]:
+        """The model the job saved at `model_dir` (tracking.models.save_trained_model) as the run's LoggedModel,
+        with `metrics` linked to it and, with mlflow.registered_model, registered (tracking.models)."""
+        if not self.active:
+            return None
+        from x3d_exp.tracking.models import log_trained_model
+
+        tags = {"model": str(self.cfg.model.name), "data": str(self.cfg.data.name)}
+        commit = git_commit()
+        if commit:
+            tags["git_commit"] = commit
+        params = {key: self.cfg.model[key] for key in FACTORS}
+        return log_trained_model(self.client, self.run_id, model_dir=str(model_dir), name=str(self.cfg.model.name),
+                                 metrics=metrics, registered_model=self.cfg.mlflow.get("registered_model"),
+                                 tags=tags, params=params)

@@ -32,6 +32,8 @@ ADOPT_ENV = "X3D_EXP_MLFLOW_RUN_ID"
 # global GenAI / Model training switch is off, which it never is there: see view_command.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# The artifact folder beside a sqlite store (artifact_root).
+ARTIFACTS_DIR = "mlartifacts"
 
 
 def git_commit() -> Optional[str]:
@@ -67,13 +69,24 @@ def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[start:start + 90]])
 
 
+def artifact_root(tracking_uri: str) -> Optional[str]:
+    """Where a new experiment keeps its artifacts: `mlartifacts/` beside a sqlite store's file, not MLflow's default
+    `./mlruns` of whatever directory the command ran in. None (the server's choice) for other stores."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    return (Path(tracking_uri[len(prefix):]).resolve().parent / ARTIFACTS_DIR).as_uri()
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The experiment's id, created if missing (parallel sweep jobs may race to create it, and one wins), and
-    marked as model training so MLflow 3's UI opens it in that view rather than the GenAI one."""
+    """The experiment's id, created if missing (parallel sweep jobs may race to create it, and one wins), its
+    artifacts beside the store, and marked as model training so MLflow 3's UI opens it in that view rather than the
+    GenAI one."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except mlflow.exceptions.MlflowException:
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
