@@ -18,11 +18,17 @@ ONNX_EXTRA = 'pip install -e ".[onnx]"'
 
 
 def missing_onnx_packages(need_runtime: bool) -> list:
-    """The ONNX packages an export needs that are not installed (checked before any work)."""
-    import importlib.util
+    """The ONNX packages an export needs that do not import (not installed, or built for another NumPy); checked
+    before any work."""
+    import importlib
 
-    wanted = ["onnx"] + (["onnxruntime"] if need_runtime else [])
-    return [name for name in wanted if importlib.util.find_spec(name) is None]
+    missing = []
+    for name in ["onnx"] + (["onnxruntime"] if need_runtime else []):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
 
 
 class ChannelwiseConv3dAsConv2d(nn.Cell):
