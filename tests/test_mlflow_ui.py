@@ -10,12 +10,14 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import urllib.parse
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 from tests.cli_helpers import REPO, mlflow_server, store_uri
+from tests.conftest import REGISTERED_MODEL
 
 SCREENSHOTS = REPO / "test-artifacts" / "mlflow_ui"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
@@ -89,3 +91,51 @@ def test_the_run_page_a_training_job_prints_shows_the_run_and_its_datasets(train
     inputs = MlflowClient(store_uri(work)).get_run(result["run_id"]).inputs.dataset_inputs
     (train,) = [i.dataset for i in inputs if any(t.value == "train" for t in i.tags)]
     assert f"synthetic ({train.digest})" in page
+
+
+def test_the_models_tab_compares_the_logged_model_by_test_top1_and_the_registry_shows_its_version(trained, tmp_path):
+    work, result, _ = trained
+    client = MlflowClient(store_uri(work))
+    experiment = client.get_run(result["run_id"]).info.experiment_id
+    with mlflow_server(store_uri(work), tmp_path) as base:
+        models = render(f"{base}/#/experiments/{experiment}/models?workflowType=machine_learning",
+                        SCREENSHOTS / "models_tab.png")
+        registered = render(f"{base}/#/models/{REGISTERED_MODEL}/versions/1", SCREENSHOTS / "registered_version.png")
+    # The Models tab lists the run's model with its linked test top-1 as a column.
+    assert "x3d_xs" in models and "test/top1" in models, models[-3000:]
+    assert result["model_id"] in models or "x3d_xs synthetic seed0" in models
+    # The version page names its source run.
+    assert "Version 1" in registered and "x3d_xs synthetic seed0" in registered, registered[-3000:]
+
+
+def test_task_ui_serves_the_store_prints_the_experiment_in_the_model_training_view_and_stops_on_ctrl_c(trained,
+                                                                                                   tmp_path):
+    import signal
+    import time
+    import urllib.request
+
+    from tests.cli_helpers import cli_env
+
+    work, _, _ = trained
+    env = {k: v for k, v in cli_env(tmp_path / "cache").items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    ui = subprocess.Popen([sys.executable, str(REPO / "run.py"), "task=ui", f"mlflow.tracking_uri={store_uri(work)}",
+                           f"hydra.run.dir={tmp_path / 'ui'}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        line = ui.stdout.readline()
+        address = re.search(r"(http://127\.0\.0\.1:(\d+)/#/experiments/(\d+)\?workflowType=machine_learning)", line)
+        assert address, line + ui.stderr.read()[-2000:]
+        experiment = MlflowClient(store_uri(work)).get_experiment_by_name("x3d-exp").experiment_id
+        assert address.group(3) == experiment and address.group(2) != "5000"
+        with urllib.request.urlopen(address.group(1).split("#")[0] + "health", timeout=10) as answer:
+            assert answer.status == 200
+        time.sleep(1)
+        ui.send_signal(signal.SIGINT)
+        out, err = ui.communicate(timeout=60)
+    finally:
+        if ui.poll() is None:
+            ui.kill()
+    assert ui.returncode == 0, err[-2000:]
+    assert "Traceback" not in err
+    (last,) = [l for l in out.splitlines() if l.strip()]
+    assert json.loads(last)["stopped_by"] == "SIGINT"

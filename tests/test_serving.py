@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 CLASSES = ["moving_down", "moving_sideways", "moving_up", "standing_still"]
 
 
-def test_videos(cache: Path) -> list:
+def generated_videos(cache: Path) -> list:
     found = sorted(cache.glob("synthetic/*/test/*.mp4"))
     assert found, f"no generated test videos under {cache}"
     return [str(p) for p in found]
@@ -86,7 +86,7 @@ def test_the_registered_model_predicts_the_top_classes_of_video_files_and_fine_t
     mlflow.set_tracking_uri(store_uri(work))
     try:
         model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}/1")
-        videos = test_videos(cache)[:2]
+        videos = generated_videos(cache)[:2]
         out = model.predict(pd.DataFrame({"video": videos}))
         assert len(out) == 2
         for row in out["top_k"]:
@@ -147,7 +147,7 @@ def test_mlflow_models_serve_answers_with_the_top_5_and_rejects_bad_requests(tra
                 assert time.time() < deadline, "mlflow models serve did not come up"
                 time.sleep(1)
 
-        video = Path(test_videos(cache)[0])
+        video = Path(generated_videos(cache)[0])
         good = {"dataframe_split": {"columns": ["video"], "data": [[base64.b64encode(video.read_bytes()).decode()]]}}
         status, body = post(f"{base}/invocations", good)
         assert status == 200, body

@@ -132,7 +132,7 @@ class Config:
     sweep: Any = field(default_factory=dict)
 
 
-TASKS = ("train", "test", "summary", "convert", "infer", "export", "prepare")
+TASKS = ("train", "test", "summary", "convert", "infer", "export", "prepare", "ui")
 DEVICES = ("auto", "CPU", "GPU", "Ascend")
 AMP_LEVELS = ("O0", "O1", "O2", "O3", "auto")
 

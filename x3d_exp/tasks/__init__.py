@@ -15,7 +15,8 @@ from x3d_exp.config import JobContext
 # task name -> (module under x3d_exp.tasks, function)
 TASKS = {"train": ("train", "task_train"), "test": ("train", "task_test"), "infer": ("infer", "task_infer"),
          "summary": ("model", "task_summary"), "convert": ("model", "task_convert"),
-         "export": ("model", "task_export"), "prepare": ("prepare", "task_prepare")}
+         "export": ("model", "task_export"), "prepare": ("prepare", "task_prepare"),
+         "ui": ("ui", "task_ui")}
 # Tasks that train or test a network, and so may run as several msrun ranks.
 DISTRIBUTED_TASKS = ("train", "test")
 

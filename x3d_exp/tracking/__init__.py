@@ -24,7 +24,21 @@ from x3d_exp.env import under_msrun
 from x3d_exp.tracking.runs import (ADOPT_ENV, close_orphaned_runs, create_run, git_commit, log_params, owner_tags,
                                    view_command)
 
-__all__ = ["ADOPT_ENV", "Tracker"]
+__all__ = ["ADOPT_ENV", "Tracker", "dataset_digest"]
+
+
+def dataset_digest(annotation: Path, root: Path) -> str:
+    """16 hex digits of the data root's path, the annotation's contents (HMDB51's, one file per class, is a glob
+    pattern: its files in order) and, for a generated set, its manifest (the generator's settings)."""
+    from x3d_exp.data.synthetic import MANIFEST
+
+    digest = hashlib.sha256(str(root).encode())
+    files = sorted(glob.glob(str(annotation))) or [annotation]
+    if (root / MANIFEST).is_file():
+        files.append(root / MANIFEST)
+    for file in files:
+        digest.update(Path(file).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 class Tracker:
@@ -116,19 +130,17 @@ class Tracker:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_datasets(self, name: str, loaders: dict):
-        """Each split's annotation file as an MLflow dataset input (name, file, digest of its contents, the split as
-        its context), so the run's Datasets section says what it was trained and tested on."""
+        """Each split's annotation file as an MLflow dataset input (name, file, the split as its context), so the
+        run's Datasets section says what it was trained and tested on. The digest covers the annotation's contents,
+        the data root its paths resolve in and, for a generated set, its manifest (the generator's settings): two
+        sets with the same file names but other videos differ."""
         if not self.active:
             return
         inputs = []
         for split, loader in loaders.items():
-            path = Path(loader.annotation).resolve()
-            # HMDB51's annotation is one file per class: a glob pattern, hashed over its files in order.
-            digest = hashlib.sha256()
-            for file in sorted(glob.glob(str(path))) or [path]:
-                digest.update(Path(file).read_bytes())
-            dataset = mlflow.entities.Dataset(name=name, digest=digest.hexdigest()[:16], source_type="local",
-                                              source=json.dumps({"uri": str(path)}))
+            path, root = Path(loader.annotation).resolve(), Path(loader.root).resolve()
+            dataset = mlflow.entities.Dataset(name=name, digest=dataset_digest(path, root), source_type="local",
+                                              source=json.dumps({"uri": str(path), "root": str(root)}))
             context = mlflow.entities.InputTag("mlflow.data.context", split)
             inputs.append(mlflow.entities.DatasetInput(dataset, [context]))
         self.client.log_inputs(self.run_id, datasets=inputs)

@@ -63,8 +63,9 @@ def view_command(client: MlflowClient, tracking_uri: str, run_id: str) -> str:
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
-    """Every param as a string cut to MLflow's limit; log_batch takes at most 100 at a time."""
-    items = [(k, str(v)[:MLFLOW_PARAM_LIMIT]) for k, v in params.items()]
+    """Every param that is set (a null is left out: it says nothing) as a string cut to MLflow's limit; log_batch
+    takes at most 100 at a time."""
+    items = [(k, str(v)[:MLFLOW_PARAM_LIMIT]) for k, v in params.items() if v is not None]
     for start in range(0, len(items), 90):
         client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[start:start + 90]])
 

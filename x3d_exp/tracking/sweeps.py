@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -87,7 +88,7 @@ def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig, context: JobCont
             if cfg.sweep.get(key) is not None:
                 tags[tag] = str(cfg.sweep[key])
         run_id = create_run(client, cfg, context.output_dir, context, tags=tags,
-                            name=cfg.mlflow.run_name or f"{job}: {changed or '(base)'}"[:250])
+                            name=cfg.mlflow.run_name or f"{job}: {_short_numbers(changed) or '(base)'}"[:250])
         os.environ[ADOPT_ENV] = run_id
     outcome = {"status": "FINISHED", "run_id": run_id, "job": job}
     try:
@@ -128,9 +129,15 @@ def as_float(value) -> Optional[float]:
 
 def _changed(params: dict, base: dict) -> str:
     """`key=value` for every config value where the job differs from the multirun's base config (the sweep's own
-    bookkeeping, such as a search's step, aside)."""
-    keys = [k for k in params if k in base and params[k] != base[k] and not k.startswith("sweep.")]
+    bookkeeping, such as a search's step, aside). A key the base lacks was null there (nulls are not logged)."""
+    keys = [k for k in params if params[k] != base.get(k, "None") and not k.startswith("sweep.")]
     return " ".join(f"{k.removeprefix('model.')}={params[k]}" for k in sorted(keys))
+
+
+def _short_numbers(text: str) -> str:
+    """Numbers of more than 4 significant digits rounded to 4, for run names (the params keep them whole):
+    `lr=0.04064540627628723` reads `lr=0.04065`."""
+    return re.sub(r"(?<![\w.])-?\d+\.\d{4,}(?:e[-+]?\d+)?", lambda m: f"{float(m.group()):.4g}", text)
 
 
 def summary_table(client, children: List, base_params: dict):
@@ -199,12 +206,12 @@ class MlflowSweepCallback(Callback):
             return
         overrides = " ".join(config.hydra.overrides.task)
         tags = {"sweep": self.name, "sweep.dir": str(self.sweep_dir), "hydra_overrides": overrides,
-                "task": str(base.task)}
+                "command": f"python run.py -m {overrides}".strip(), "task": str(base.task)}
         commit = git_commit()
         if commit:
             tags["git_commit"] = commit
-        self.parent = open_run(self.client, str(config.mlflow.experiment_name), f"{self.name}: {overrides}"[:250],
-                               tags)
+        # Named briefly; the job count is added at the end (the full command is the `command` tag).
+        self.parent = open_run(self.client, str(config.mlflow.experiment_name), self.name, tags)
         self.base_params = {k: str(v) for k, v in flatten(base).items()}
         log_params(self.client, self.parent, self.base_params)
         (self.sweep_dir / PARENT_FILE).write_text(self.parent)
@@ -273,6 +280,7 @@ class MlflowSweepCallback(Callback):
         for key, value in metrics.items():
             self.client.log_metric(parent, key, value)
         failed = len(bad) and not self.allow_failed_jobs
+        self.client.update_run(parent, name=f"{self.name} ({len(table)} job{'s' if len(table) != 1 else ''})")
         self.client.set_terminated(parent, "FAILED" if aborted or failed else "FINISHED")
         search = self.sweep_dir / SEARCH_RESULT
         account = json.loads(search.read_text())["line"] + "; " if search.is_file() else ""
