@@ -95,26 +95,35 @@ def compose_config(*overrides: str, return_hydra_config: bool = False):
         return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_answers(server: subprocess.Popen, url: str, timeout: float = 120) -> None:
+    """Wait for `url` to answer while `server` (started with stderr=PIPE) runs; fail with its stderr if it ends."""
+    deadline = time.time() + timeout
+    while True:
+        assert server.poll() is None, server.stderr.read().decode()[-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            assert time.time() < deadline, f"{url} did not answer within {timeout} s"
+            time.sleep(0.5)
+
+
 @contextmanager
 def mlflow_server(uri: str, cwd: Path):
     """A real `mlflow server` on a free loopback port over the store `uri`; yields its base URL once it answers."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
                                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                               cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            assert server.poll() is None, server.stderr.read().decode()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2):
-                    break
-            except OSError:
-                assert time.time() < deadline, "mlflow server did not come up"
-                time.sleep(0.5)
+        wait_until_answers(server, f"{base}/health")
         yield base
     finally:
         server.terminate()

@@ -7,7 +7,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,9 +17,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.cli_helpers import REPO, TINY, cli_env, final_json, run_cli, store_uri
+from tests.cli_helpers import REPO, TINY, cli_env, final_json, free_port, run_cli, store_uri, wait_until_answers
 from tests.conftest import REGISTERED_MODEL
 from tests.data_helpers.layouts import write_video
+from x3d_exp.tracking.models import log_trained_model
 
 pytestmark = pytest.mark.slow
 
@@ -55,12 +55,18 @@ def test_a_training_run_logs_its_best_network_as_a_model_with_its_metrics_and_re
     metrics = {m.key: m.value for m in model.metrics}
     assert metrics["test/top1"] == pytest.approx(result["test_top1"])
     assert metrics["val/best_top1"] == pytest.approx(result["val_top1"])
+    # Delivering it again (a replayed record) finds what is there: no second model, metric or version.
+    again = log_trained_model(client, result["run_id"], model_dir=str(work / "run" / "mlflow_model"), name="x3d_xs",
+                              metrics={"test/top1": result["test_top1"]}, registered_model=REGISTERED_MODEL,
+                              tags={"model": "x3d_xs"})
+    assert again == {"model_id": model.model_id, "model_uri": f"models:/{model.model_id}", "registered_version": 1}
+    assert len(client.search_logged_models([model.experiment_id])) == 1
     # The run holds them too (the sweep summaries read them there), once each.
     assert [m.value for m in client.get_metric_history(result["run_id"], "test/top1")] == [result["test_top1"]]
     assert client.get_run(result["run_id"]).outputs.model_outputs[0].model_id == model.model_id
 
     (version,) = client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
-    assert version.version == "1" and version.run_id == result["run_id"] and version.model_id == model.model_id
+    assert str(version.version) == "1" and version.run_id == result["run_id"] and version.source == f"models:/{model.model_id}"
     assert version.tags["model"] == "x3d_xs" and version.tags["data"] == "synthetic" and version.tags["git_commit"]
 
     # Artifacts beside the store, not in ./mlruns of the directory the job ran in; and MLflow keeps the model, not
@@ -111,12 +117,6 @@ def test_the_registered_model_predicts_the_top_classes_of_video_files_and_fine_t
     assert saved["class_names"] == CLASSES and saved["clip"] == result["clip"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def post(url: str, body: dict):
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
@@ -137,15 +137,7 @@ def test_mlflow_models_serve_answers_with_the_top_5_and_rejects_bad_requests(tra
                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 240
-        while True:
-            assert server.poll() is None, server.stderr.read().decode()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2):
-                    break
-            except OSError:
-                assert time.time() < deadline, "mlflow models serve did not come up"
-                time.sleep(1)
+        wait_until_answers(server, f"{base}/ping", timeout=240)
 
         video = Path(generated_videos(cache)[0])
         good = {"dataframe_split": {"columns": ["video"], "data": [[base64.b64encode(video.read_bytes()).decode()]]}}

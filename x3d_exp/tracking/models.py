@@ -39,7 +39,7 @@ from typing import Optional
 
 import mlflow
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_ALREADY_EXISTS
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from x3d_exp.weights.mlflow_model import DESCRIPTION, WEIGHTS
 
@@ -260,15 +260,20 @@ def log_trained_model(client, run_id: str, *, model_dir: str, name: str, metrics
         try:
             client.create_registered_model(registered_model)
         except MlflowException as err:
-            if err.error_code != "RESOURCE_ALREADY_EXISTS" and err.error_code != RESOURCE_ALREADY_EXISTS:
+            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
+        # A sqlite registry does not return a version's model_id; its source names the model.
         versions = [v for v in client.search_model_versions(f"name = '{registered_model}'")
-                    if v.model_id == model.model_id]
-        version = (versions[0] if versions else client.create_model_version(
-            # The storage location, not models:/<id>: a sqlite registry resolves that through the global
-            # tracking URI (MLflow 3.17), which need not be this client's.
-            registered_model, source=model.artifact_location, run_id=run_id, tags=tags,
-            model_id=model.model_id)).version
+                    if v.source == f"models:/{model.model_id}"]
+        if versions:
+            version = versions[0].version
+        else:
+            from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+            # A sqlite registry (MLflow 3.17) looks a models:/<id> source up through the global tracking URI.
+            with _use_tracking_uri(client.tracking_uri):
+                version = client.create_model_version(registered_model, source=f"models:/{model.model_id}",
+                                                      run_id=run_id, tags=tags, model_id=model.model_id).version
     return {"model_id": model.model_id, "model_uri": f"models:/{model.model_id}",
             "registered_version": None if version is None else int(version)}
 

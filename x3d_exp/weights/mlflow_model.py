@@ -31,10 +31,14 @@ def local_checkpoint(ckpt: str, tracking_uri: Optional[str] = None) -> str:
     ckpt = str(ckpt)
     if is_model_uri(ckpt):
         import mlflow
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
         try:
-            folder = mlflow.artifacts.download_artifacts(artifact_uri=ckpt, tracking_uri=tracking_uri,
-                                                         registry_uri=tracking_uri)
+            # MLflow 3.17 resolves models:/ (and a run's logged model) through the global tracking URI, whatever
+            # download_artifacts is given: set it for the call.
+            with _use_tracking_uri(tracking_uri):
+                folder = mlflow.artifacts.download_artifacts(artifact_uri=ckpt, tracking_uri=tracking_uri,
+                                                             registry_uri=tracking_uri)
         except Exception as err:  # noqa: BLE001 - MlflowException, or an OSError of the artifact store
             first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
             raise WeightsError(f"{ckpt}: cannot fetch this MLflow model from {tracking_uri}: {first}") from None
