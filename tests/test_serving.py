@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.cli_helpers import REPO, TINY, cli_env, final_json, free_port, run_cli, store_uri, wait_until_answers
+from tests.cli_helpers import TINY, cli_env, final_json, free_port, run_cli, store_uri, wait_until_answers
 from tests.conftest import REGISTERED_MODEL
 from tests.data_helpers.layouts import write_video
 from x3d_exp.tracking.models import log_trained_model
@@ -195,19 +194,3 @@ def test_the_onnx_export_is_logged_to_the_run_and_served_without_mindspore(train
     assert ran.returncode == 0, ran.stderr[-3000:]
     served = json.loads(ran.stdout.strip().splitlines()[-1])
     assert served == {"shape": [1, 4], "mindspore": False, "names": CLASSES}
-
-
-def test_onnx_export_without_onnxruntime_says_which_extra_to_install_before_any_work(tmp_path, cache):
-    # A directory shadowing onnxruntime with a module that fails to import, as a missing package does.
-    shadow = tmp_path / "shadow" / "onnxruntime"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError('not installed')\n")
-    env = cli_env(cache)
-    env["PYTHONPATH"] = f"{tmp_path / 'shadow'}{os.pathsep}{env['PYTHONPATH']}"
-    started = time.time()
-    done = subprocess.run([sys.executable, str(REPO / "run.py"), "task=export", "export.format=ONNX",
-                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 2
-    assert done.stderr.strip() == 'error: export.format=ONNX needs onnxruntime: pip install -e ".[onnx]"'
-    assert time.time() - started < 20

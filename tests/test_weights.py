@@ -451,6 +451,21 @@ def test_task_export_defaults_to_the_clip_a_training_checkpoint_records(tmp_path
         task_export(compose(*small, export={"format": "MINDIR", "log_model": True}))
 
 
+def test_onnx_export_without_onnxruntime_names_the_extra_before_building_anything(monkeypatch):
+    import x3d_exp.tasks.model as model_task
+
+    # None in sys.modules makes the import fail, as a missing package does; building the network would be the work.
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setattr(model_task, "_build", lambda *a: pytest.fail("the network was built before the check"))
+    with pytest.raises(UserError) as raised:
+        task_export(compose(export={"format": "ONNX"}))
+    assert str(raised.value) == 'export.format=ONNX needs onnxruntime: pip install -e ".[onnx]"'
+    # Without verifying or logging, onnx alone is needed.
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(UserError, match=r'needs onnx: pip install -e "\.\[onnx\]"'):
+        task_export(compose(export={"format": "ONNX", "verify": False}))
+
+
 def test_exporting_a_network_on_the_cpu_kernels_says_how_to_export_it(tmp_path):
     from x3d_exp.models import build_model
 
