@@ -194,3 +194,16 @@ def test_the_onnx_export_is_logged_to_the_run_and_served_without_mindspore(train
     assert ran.returncode == 0, ran.stderr[-3000:]
     served = json.loads(ran.stdout.strip().splitlines()[-1])
     assert served == {"shape": [1, 4], "mindspore": False, "names": CLASSES}
+
+
+def test_task_infer_takes_the_registered_model_and_its_class_names(trained, cache, tmp_path):
+    work, _, _ = trained
+    video = generated_videos(cache)[0]
+    uri = f"models:/{REGISTERED_MODEL}/1"
+    done = run_cli(TINY + ["task=infer", f"ckpt={uri}", f"infer.inputs=[{video}]", "infer.output=json",
+                           f"mlflow.tracking_uri={store_uri(work)}", f"hydra.run.dir={tmp_path / 'infer'}"],
+                   cwd=tmp_path, cache=cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record, summary = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")][-2:]
+    assert record["video"] == video and sorted(e["label"] for e in record["top5"]) == CLASSES
+    assert summary["labels"] == uri and summary["failed"] == 0
