@@ -163,8 +163,16 @@ def model_spec(cfg, network, sizes: dict, class_names) -> dict:
                       "num_crops": int(data.test_num_crops), "target_fps": float(data.target_fps)}}
 
 
-def pinned_requirements() -> list:
-    return [f"{name}=={metadata.version(name)}" for name in SERVING_PACKAGES]
+def pinned_requirements(names=SERVING_PACKAGES) -> list:
+    """`name==version` of each installed package of `names` (one that is missing is left out: the job must not
+    fail at its end over a requirement list)."""
+    pinned = []
+    for name in names:
+        try:
+            pinned.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return pinned
 
 
 def signature():
@@ -297,8 +305,7 @@ def save_onnx_model(model_dir: Path, onnx_path: str, input_shape: list, class_na
                          outputs=Schema([TensorSpec(np.dtype(np.float32), [-1, len(class_names or [])
                                                                              or -1], graph_output)]))
     mlflow.onnx.save_model(proto, str(partial), signature=sig,
-                           pip_requirements=[f"{name}=={metadata.version(name)}"
-                                             for name in ("onnx", "onnxruntime", "numpy", "mlflow")],
+                           pip_requirements=pinned_requirements(("onnx", "onnxruntime", "numpy", "mlflow")),
                            metadata={"class_names": list(class_names) if class_names else None,
                                      "input_shape": list(input_shape)})
     shutil.rmtree(model_dir, ignore_errors=True)
