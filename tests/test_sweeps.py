@@ -94,8 +94,12 @@ def test_summary_table_and_plot_are_parent_artifacts(expansion):
     assert list(table.changed) == ["(base)", "gamma_t=8.0", "gamma_t=8.0 gamma_tau=6.0",
                                    f"gamma_s={2 * XS['gamma_s']}"]
     assert list(table.run_id) == [c.info.run_id for c in children]
-    # Each child is named after what it changes, so the MLflow run list reads as the sweep.
-    names = [f"{job}: {changed}" for job, changed in zip(table.job, table.changed)]
+    # Each child is named after what it changes (numbers to 4 significant digits), so the MLflow run list reads as
+    # the sweep.
+    from x3d_exp.tracking.sweeps import _short_numbers
+
+    names = [f"{job}: {_short_numbers(changed)}" for job, changed in zip(table.job, table.changed)]
+    assert names[3] == f"3: gamma_s={2 * XS['gamma_s']:.4g}"
     assert [c.info.run_name for c in children] == names
     base, longer, _, larger = table.itertuples()
     assert list(table["clip"]) == ["3x4x64x64", "3x8x64x64", "3x8x64x64", "3x4x128x128"]

@@ -82,7 +82,9 @@ def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig, context: JobCont
     job = context.job_num
     if parent and cfg.task in TRACKED_TASKS and cfg.mlflow.enabled:
         client = MlflowClient(cfg.mlflow.tracking_uri)
-        changed = _changed({k: str(v) for k, v in flatten(cfg).items()}, client.get_run(parent).data.params)
+        params = {k: str(v) for k, v in flatten(cfg).items()}
+        # The parent's params leave nulls out: a config key it lacks was null there.
+        changed = _changed(params, {**{k: "None" for k in params}, **client.get_run(parent).data.params})
         tags = {"mlflow.parentRunId": parent, "sweep.job": str(job)}
         for tag, key in ((STEP_TAG, "step"), (AXIS_TAG, "axis")):
             if cfg.sweep.get(key) is not None:
@@ -129,8 +131,8 @@ def as_float(value) -> Optional[float]:
 
 def _changed(params: dict, base: dict) -> str:
     """`key=value` for every config value where the job differs from the multirun's base config (the sweep's own
-    bookkeeping, such as a search's step, aside). A key the base lacks was null there (nulls are not logged)."""
-    keys = [k for k in params if params[k] != base.get(k, "None") and not k.startswith("sweep.")]
+    bookkeeping, such as a search's step, aside)."""
+    keys = [k for k in params if k in base and params[k] != base[k] and not k.startswith("sweep.")]
     return " ".join(f"{k.removeprefix('model.')}={params[k]}" for k in sorted(keys))
 
 
@@ -213,7 +215,7 @@ class MlflowSweepCallback(Callback):
         # Named briefly; the job count is added at the end (the full command is the `command` tag).
         self.parent = open_run(self.client, str(config.mlflow.experiment_name), self.name, tags)
         self.base_params = {k: str(v) for k, v in flatten(base).items()}
-        log_params(self.client, self.parent, self.base_params)
+        log_params(self.client, self.parent, {k: v for k, v in flatten(base).items() if v is not None})
         (self.sweep_dir / PARENT_FILE).write_text(self.parent)
         atexit.register(self._finish, aborted=True)
         log.info("MLflow parent run %s for the sweep in %s", self.parent, self.sweep_dir)
