@@ -104,6 +104,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_until_answers(server: subprocess.Popen, url: str, timeout: float = 120, output=None) -> None:
+    """Wait for `url` to answer while `server` runs; fail with its output (`output()`, else its stderr pipe) if it
+    ends first."""
+    deadline = time.time() + timeout
+    while True:
+        assert server.poll() is None, output() if output else server.stderr.read().decode()[-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            assert time.time() < deadline, f"{url} did not answer within {timeout} s"
+            time.sleep(0.5)
+
+
 class MlflowServer:
     """A real `mlflow server` over the store `uri` on one loopback port, which can be killed and started again on
     the same port (a restart, a maintenance window). Its output goes to `mlflow_server.log` in `cwd`."""
@@ -119,15 +133,9 @@ class MlflowServer:
                                       "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
                                      cwd=self.cwd, stdout=log, stderr=log, start_new_session=True)
         log.close()
-        deadline = time.time() + 180
-        while True:
-            assert self.proc.poll() is None, (self.cwd / "mlflow_server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
-                    return self
-            except OSError:
-                assert time.time() < deadline, "mlflow server did not come up"
-                time.sleep(0.5)
+        wait_until_answers(self.proc, f"{self.url}/health", 180,
+                           output=lambda: (self.cwd / "mlflow_server.log").read_text()[-3000:])
+        return self
 
     def stop(self) -> None:
         """The server and its workers at once (its own process group), as a crash would."""

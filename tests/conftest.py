@@ -16,6 +16,10 @@ if str(REPO) not in sys.path:
 from tests.cli_helpers import SHALLOW, TINY, compose_config, final_json, multirun, run_cli, store_uri  # noqa: E402
 
 
+# The registered model of the `trained` run.
+REGISTERED_MODEL = "x3d-tiny"
+
+
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory):
     """One data and kernel cache for the session's CLI runs, so the synthetic set is rendered once."""
@@ -31,10 +35,12 @@ def cfg_tiny():
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, cache):
     """One finished 2-epoch training run through the real CLI, shared by the tests that inspect what it left (its
-    records, not its network: so the shallow X3D-XS, whose graph compiles in about half the time)."""
+    records, not its network: so the shallow X3D-XS, whose graph compiles in about half the time); its model is
+    registered as REGISTERED_MODEL."""
     work = tmp_path_factory.mktemp("train")
     done = run_cli(TINY + SHALLOW + ["trainer.epochs=2", "schedule.warmup_epochs=1", "trainer.precise_bn_batches=2",
                            "mlflow.system_metrics=true", "mlflow.system_metrics_interval=1",
+                           f"mlflow.registered_model={REGISTERED_MODEL}",
                            f"hydra.run.dir={work / 'run'}", f"mlflow.tracking_uri={store_uri(work)}"],
                    cwd=work, cache=cache)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -45,6 +45,13 @@ def test_expansion_sweep_is_one_parent_with_four_finished_children(expansion):
     assert parent.info.start_time <= min(c.info.start_time for c in children)
     assert parent.data.metrics["sweep/jobs"] == 4 and parent.data.metrics["sweep/failed"] == 0
     assert "sweep expand_one_axis: 4 of 4 jobs finished" in done.stdout
+    # Named briefly; the whole command line is a tag.
+    assert parent.info.run_name == "expand_one_axis (4 jobs)"
+    assert parent.data.tags["command"].startswith("python run.py -m ") and "+sweep=expand_one_axis" in \
+        parent.data.tags["command"]
+    # Nulls are not params: what a run holds was set (or derived, like the clip).
+    assert "None" not in parent.data.params.values() and "None" not in children[0].data.params.values()
+    assert children[0].data.params["clip"] == "3x4x64x64"
 
 
 # The expansion fixture's jobs: what each changes from X3D-XS at depth factor 1 (tests.cli_helpers.SHALLOW).
@@ -87,8 +94,12 @@ def test_summary_table_and_plot_are_parent_artifacts(expansion):
     assert list(table.changed) == ["(base)", "gamma_t=8.0", "gamma_t=8.0 gamma_tau=6.0",
                                    f"gamma_s={2 * XS['gamma_s']}"]
     assert list(table.run_id) == [c.info.run_id for c in children]
-    # Each child is named after what it changes, so the MLflow run list reads as the sweep.
-    names = [f"{job}: {changed}" for job, changed in zip(table.job, table.changed)]
+    # Each child is named after what it changes (numbers to 4 significant digits), so the MLflow run list reads as
+    # the sweep.
+    from x3d_exp.tracking.sweeps import _short_numbers
+
+    names = [f"{job}: {_short_numbers(changed)}" for job, changed in zip(table.job, table.changed)]
+    assert names[3] == f"3: gamma_s={2 * XS['gamma_s']:.4g}"
     assert [c.info.run_name for c in children] == names
     base, longer, _, larger = table.itertuples()
     assert list(table["clip"]) == ["3x4x64x64", "3x8x64x64", "3x8x64x64", "3x4x128x128"]
@@ -172,6 +183,9 @@ def test_optuna_search_is_one_parent_with_a_child_per_trial_and_the_best_on_the_
               float(c.data.params["schedule.warmup_epochs"])) for c in children]
     assert len(set(drawn)) == 2
     assert all(0.005 <= lr <= 0.2 and 1e-6 <= wd <= 1e-3 and warmup in (0, 1, 2, 3) for lr, wd, warmup in drawn)
+    # Names round the drawn numbers to 4 significant digits; the params keep them whole.
+    for child in children:
+        assert f"optim.lr={float(child.data.params['optim.lr']):.4g}" in child.info.run_name, child.info.run_name
     # The objective the sweeper got is each job's best val top-1, and the parent names the best trial.
     client = MlflowClient(store_uri(tmp_path))
     best_val = {c.info.run_id: max(m.value for m in client.get_metric_history(c.info.run_id, "val/top1"))
@@ -180,3 +194,11 @@ def test_optuna_search_is_one_parent_with_a_child_per_trial_and_the_best_on_the_
     assert best_val[winner] == max(best_val.values()) == pytest.approx(parent.data.metrics["sweep/best_val_top1"])
     optuna_result = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
     assert optuna_result.best_value == pytest.approx(max(best_val.values()))
+
+
+def test_run_names_round_long_numbers_to_four_significant_digits():
+    from x3d_exp.tracking.sweeps import _short_numbers
+
+    assert _short_numbers("optim.lr=0.04064540627628723 optim.weight_decay=3.4795893749284416e-05 seed=123456 "
+                          "gamma_s=2.8284271247461903 gamma_t=8.0") == \
+        "optim.lr=0.04065 optim.weight_decay=3.48e-05 seed=123456 gamma_s=2.828 gamma_t=8.0"

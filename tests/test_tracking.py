@@ -98,9 +98,35 @@ def test_each_split_is_a_dataset_input_with_the_digest_of_its_annotation(trained
     by_split = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs}
     assert sorted(by_split) == ["test", "train", "val"]
     for split, dataset in by_split.items():
-        annotation = Path(json.loads(dataset.source)["uri"])
+        source = json.loads(dataset.source)
+        annotation, root = Path(source["uri"]), Path(source["root"])
         assert dataset.name == "synthetic" and dataset.source_type == "local" and split in annotation.name
-        assert dataset.digest == hashlib.sha256(annotation.read_bytes()).hexdigest()[:16]
+        # The root's path, the annotation and the generated set's manifest.
+        expected = hashlib.sha256(str(root).encode())
+        for part in (annotation, root / "synthetic.json"):
+            expected.update(part.read_bytes())
+        assert dataset.digest == expected.hexdigest()[:16]
+
+
+def test_sets_with_the_same_annotation_but_other_videos_have_other_digests(tmp_path):
+    from x3d_exp.tracking import dataset_digest
+
+    digests = set()
+    for size in (96, 192):
+        for copy in ("a", "b"):
+            root = tmp_path / copy / f"{size}px"
+            root.mkdir(parents=True)
+            (root / "synthetic_train.csv").write_text("train/v0.mp4 0\ntrain/v1.mp4 1\n")
+            (root / "synthetic.json").write_text(json.dumps({"size": size}))
+            digests.add(dataset_digest(root / "synthetic_train.csv", root))
+    # Two sizes in two places: four sets, four digests (the same contents in another folder is another set).
+    assert len(digests) == 4
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "train.csv").write_text("a.mp4 0\n")
+    first = dataset_digest(folder / "train.csv", folder)
+    (folder / "train.csv").write_text("b.mp4 0\n")
+    assert dataset_digest(folder / "train.csv", folder) != first
 
 
 def test_system_metrics_are_sampled_when_asked_for(trained):

@@ -439,6 +439,43 @@ def test_task_export_from_converted_checkpoint(tmp_path):
         task_export(compose(*small, export={"format": "PNG"}))
 
 
+def test_task_export_defaults_to_the_clip_a_training_checkpoint_records(tmp_path):
+    """A task=train checkpoint records its clip (engine.checkpoint.META_KEYS): the export's default input is that,
+    not the model's own 4x160x160-style clip."""
+    from mindspore import nn
+
+    from x3d_exp.engine.checkpoint import save_checkpoint_atomic
+    from x3d_exp.models import build_from_config
+
+    small = ["model.gamma_w=0.25", "model.gamma_b=1", "model.gamma_d=0.5", "model.num_frames=2", "model.crop_size=32"]
+    cfg = compose(*small)
+    net = build_from_config(cfg.model, 3)
+    ckpt = save_checkpoint_atomic(nn.WithLossCell(net, nn.SoftmaxCrossEntropyWithLogits()), tmp_path / "best.ckpt",
+                                  {"epoch": 1, "step": 4, "best_top1": 0.5, "clip_num_frames": 3,
+                                   "clip_crop_size": 24})
+    cfg = compose(*small, export={"format": "MINDIR", "verify": False})
+    with open_dict(cfg):
+        cfg.ckpt = str(ckpt)
+    assert task_export(cfg)["input_shape"] == [1, 3, 3, 24, 24]
+    with pytest.raises(UserError, match="export.log_model=true logs an ONNX model"):
+        task_export(compose(*small, export={"format": "MINDIR", "log_model": True}))
+
+
+def test_onnx_export_without_onnxruntime_names_the_extra_before_building_anything(monkeypatch):
+    import x3d_exp.tasks.model as model_task
+
+    # None in sys.modules makes the import fail, as a missing package does; building the network would be the work.
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    monkeypatch.setattr(model_task, "_build", lambda *a: pytest.fail("the network was built before the check"))
+    with pytest.raises(UserError) as raised:
+        task_export(compose(export={"format": "ONNX"}))
+    assert str(raised.value) == 'export.format=ONNX needs onnxruntime: pip install -e ".[onnx]"'
+    # Without verifying or logging, onnx alone is needed.
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(UserError, match=r'needs onnx: pip install -e "\.\[onnx\]"'):
+        task_export(compose(export={"format": "ONNX", "verify": False}))
+
+
 @pytest.mark.slow
 def test_exporting_a_network_on_the_cpu_kernels_says_how_to_export_it(tmp_path):
     from x3d_exp.models import build_model

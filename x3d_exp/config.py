@@ -116,6 +116,8 @@ class MlflowConfig:
     system_metrics_interval: float = 10.0
     # At the end of a job, how long to wait for the spool to reach an unreachable tracking server (docs/tracking.md).
     drain_timeout: float = 60.0
+    # Register each train run's model as a new version of this registered model (null: do not register).
+    registered_model: Optional[str] = None
 
 
 @dataclass
@@ -158,10 +160,12 @@ class ExportConfig:
     format: str = "MINDIR"
     # null: the ckpt's path without its suffix, else the model's name
     dst: Optional[str] = None
-    # [N, 3, T, H, W]; null: one clip at the training crop
+    # [N, 3, T, H, W]; null: one clip as the checkpoint was trained on it, [1, 3, T, crop, crop]
     input_shape: Optional[List[int]] = None
     # run the exported file and compare its outputs with the network's
     verify: bool = True
+    # ONNX only: also log the file as an mlflow.onnx model of the checkpoint's run (else of a new run)
+    log_model: bool = False
 
 
 @dataclass
@@ -220,7 +224,8 @@ class Config:
 # `task=summary` loads no training code. Named as strings: this layer may not import the tasks.
 TASKS = {"train": "train:task_train", "test": "train:task_test", "infer": "infer:task_infer",
          "summary": "model:task_summary", "convert": "model:task_convert", "export": "model:task_export",
-         "prepare": "prepare:task_prepare", "sync": "sync:task_sync"}
+         "prepare": "prepare:task_prepare", "sync": "sync:task_sync",
+         "ui": "ui:task_ui"}
 DEVICES = ("auto", "CPU", "GPU", "Ascend")
 AMP_LEVELS = ("O0", "O1", "O2", "O3", "auto")
 

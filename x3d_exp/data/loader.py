@@ -263,10 +263,13 @@ class Loader:
     """What the engine gets from `build_loader`; see x3d_exp.data for the contract."""
 
     def __init__(self, dataset, split: str, num_videos: int, class_names: List[str], badlog: BadVideoLog,
-                 max_bad_fraction: float, sampler: Optional[EpochSampler] = None, annotation: str = ""):
+                 max_bad_fraction: float, sampler: Optional[EpochSampler] = None, annotation: str = "",
+                 root: str = "", paths: Sequence[str] = ()):
         self.dataset = dataset
         self.split = split
         self.annotation = annotation  # the file this split's video list came from
+        self.root = root  # the folder its paths are resolved in
+        self.paths = paths  # every video of the split, in annotation order (a PathTable)
         self.num_videos = num_videos
         self.class_names = class_names
         self.max_bad_fraction = max_bad_fraction
@@ -428,7 +431,7 @@ def build_loader(data_cfg, split: str, *, num_frames: int, sampling_rate: int, c
         else:
             dataset = dataset.batch(batch_size, drop_remainder=bool(drop_remainder))
     return Loader(dataset, split, num_videos, videos.class_names, badlog, float(data_cfg.max_bad_fraction), sampler,
-                  videos.annotation)
+                  videos.annotation, str(root), videos.paths)
 
 
 def load_video_views(path, *, num_frames: int, sampling_rate: int, test_crop_size: int, num_clips: int,

@@ -95,6 +95,15 @@ def open_reader(path: str, width: int, height: int, num_threads: int, decoder: s
     return open_decoder(decoder, path, width, height, num_threads)
 
 
+def count_frames(path: str) -> int:
+    """The number of frames decord indexes in the file (no frame is decoded). Raises BadVideo."""
+    probe_size(path)
+    try:
+        return len(open_reader(path, -1, -1, 1))
+    except Exception as err:  # decord raises RuntimeError / DECORDError for broken streams
+        raise BadVideo(f"decode failed: {_first_line(err)}") from None
+
+
 @functools.lru_cache(maxsize=64)
 def _bilinear(height: int, width: int) -> vision.Resize:
     return vision.Resize((height, width), vision.Inter.BILINEAR)

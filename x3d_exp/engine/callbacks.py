@@ -26,7 +26,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from mindspore import nn
@@ -59,6 +59,8 @@ class TrainState:
     # This epoch's history record (StepLogger opens it, the others add to it) and whether val top-1 improved.
     record: dict = field(default_factory=dict)
     improved: bool = False
+    # The training clip's (frames, crop side), saved in every checkpoint (engine.checkpoint.META_KEYS).
+    clip: Optional[Tuple[int, int]] = None
 
     @classmethod
     def start(cls, cfg: DictConfig, steps_per_epoch: int, train_dir: Path, resumed_from: Optional[dict] = None,
@@ -203,6 +205,8 @@ class Checkpointing(Callback):
         state = self.state
         if state.dist.is_main:
             meta = {"epoch": epoch, "step": state.epoch_step(epoch), "best_top1": state.best_top1}
+            if state.clip:
+                meta.update(clip_num_frames=state.clip[0], clip_crop_size=state.clip[1])
             if state.improved:
                 state.best_path = save_checkpoint_atomic(args.train_network, state.ckpt_dir / BEST_CKPT, meta)
             if state.saving(epoch):

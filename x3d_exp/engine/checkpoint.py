@@ -16,6 +16,9 @@ from x3d_exp.errors import UserError, WeightsError
 
 EPOCH_CKPT = re.compile(r"^epoch(\d+)\.ckpt$")
 BEST_CKPT = "best.ckpt"
+# Metadata beside the weights: where training stands, and the clip it trains on (frames, crop side), which task=export
+# takes as its default input.
+META_KEYS = ("epoch", "step", "best_top1", "clip_num_frames", "clip_crop_size")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -102,13 +105,20 @@ def restore_training_state(train_network: nn.Cell, path: Path) -> dict:
     missing = [k for k in ("epoch", "step") if k not in state]
     if missing:
         raise WeightsError(f"resume: {path} has no {', '.join(missing)} entry (not written by task=train)")
-    meta = {k: state.pop(k).asnumpy().item() for k in ("epoch", "step", "best_top1") if k in state}
+    meta = {k: state.pop(k).asnumpy().item() for k in META_KEYS if k in state}
     not_loaded, _ = ms.load_param_into_net(train_network, state)
     model_keys = [k for k in not_loaded if k.split(".", 1)[0] in ("stem", "stages", "head")]
     if model_keys:
         raise WeightsError(f"resume: {path} does not fit this model: {model_keys[0]} missing "
                            f"(+{len(model_keys) - 1} more); resume with the same model config")
     return meta
+
+
+def trained_clip(params: Dict[str, np.ndarray]) -> Optional[Tuple[int, int]]:
+    """(frames, crop side) of the clip a task=train checkpoint was trained on, None for other checkpoints."""
+    if "clip_num_frames" not in params or "clip_crop_size" not in params:
+        return None
+    return int(np.asarray(params["clip_num_frames"]).item()), int(np.asarray(params["clip_crop_size"]).item())
 
 
 def restore_best(network: nn.Cell, best_weights: Optional[Dict[str, np.ndarray]], ckpt_dir: Path) -> None:

@@ -28,6 +28,14 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
+def top_k(probs: np.ndarray, names, k: int = 5) -> list:
+    """The `k` most probable classes as [{"label", "index", "prob"}], fewer if the model has fewer classes; `label`
+    is None without class names. Stable sort: equal probabilities keep class order, so the output is
+    reproducible."""
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [{"label": names[i] if names else None, "index": int(i), "prob": float(probs[i])} for i in order]
+
+
 def collect_scores(network: nn.Cell, loader, cfg: DictConfig, desc: str):
     """Sum of softmax over every view of each video: ({video_index: probs}, {video_index: label}, loss sum, views)."""
     network.set_train(False)

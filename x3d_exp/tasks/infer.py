@@ -12,7 +12,8 @@ An input that is missing or cannot be decoded gives `error: <path>: <reason>` on
 processed; if any failed the run ends with one more error line and exit status 2.
 
 The class count is the checkpoint's (rows of its classifier), whatever `data.num_classes` says. Class names come
-from `infer.labels` (one per line), else from the configured dataset's annotation if it can be read and has that
+from `infer.labels` (one per line), else from the MLflow model given as `ckpt` (models:/..., runs:/..., or a
+train job's `mlflow_model` folder), else from the configured dataset's annotation if it can be read and has that
 many classes (never generated or downloaded for this), else `label` is null.
 
 No MLflow run is made: inference records nothing but its output.
@@ -21,7 +22,6 @@ No MLflow run is made: inference records nothing but its output.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,10 +36,11 @@ from x3d_exp.data.datasets import SPLITS, dataset_layout, load_split
 from x3d_exp.data.loader import decode_threads
 from x3d_exp.data.stream import is_live
 from x3d_exp.engine.build import build_network, setup_context
+from x3d_exp.engine.evaluate import top_k
 from x3d_exp.errors import DataError, UserError, WeightsError
 from x3d_exp.models.fuse import inference_network
-from x3d_exp.tasks.windows import forward, label_windows, output_name, top_k
-from x3d_exp.weights import load_params, params_num_classes, read_params
+from x3d_exp.tasks.windows import forward, label_windows, output_name
+from x3d_exp.weights import load_params, local_checkpoint, model_description, params_num_classes, read_params
 
 OUTPUTS = ("auto", "json", "table")
 
@@ -118,9 +119,12 @@ def task_infer(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
         raise UserError("infer.inputs: give the videos to classify (infer.inputs=[a.mp4,b.avi])")
     ckpt = cfg.ckpt
     if not ckpt:
-        raise UserError("task=infer needs ckpt=PATH (a .ckpt from task=train or task=convert)")
-    if not os.path.isfile(ckpt):
-        raise UserError(f"ckpt={ckpt}: no such file")
+        raise UserError("task=infer needs ckpt=PATH (a .ckpt from task=train or task=convert, or an MLflow model "
+                        "URI such as models:/NAME/VERSION)")
+    try:
+        weights = local_checkpoint(ckpt, cfg.mlflow.tracking_uri)
+    except WeightsError as err:
+        raise UserError(str(err)) from None
     output = str(options.output)
     if output not in OUTPUTS:
         raise UserError(f"infer.output={output}: must be one of {', '.join(OUTPUTS)}")
@@ -131,11 +135,14 @@ def task_infer(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
         raise UserError(f"infer.batch_size={batch_size}: must be >= 1")
     stride, crops = _window_options(options)
 
-    params = read_params(ckpt)
+    params = read_params(weights)
     num_classes = params_num_classes(params) or int(data.num_classes)
     labels = options.labels
+    described = model_description(weights)
     if labels:
         names, label_source = read_labels(str(labels), num_classes), str(labels)
+    elif described:
+        names, label_source = described["class_names"], ckpt
     else:
         names, label_source = dataset_labels(data, num_classes)
         if names is None:

@@ -22,6 +22,7 @@ from x3d_exp.errors import UserError
 from x3d_exp.models.fuse import inference_network
 from x3d_exp.models.summary import count_parameters, trace_network
 from x3d_exp.tracking import Tracker
+from x3d_exp.tracking.models import MODEL_DIR, delivered_model, model_spec, save_trained_model
 from x3d_exp.tracking.plots import save_plots
 from x3d_exp.weights import load_pretrained
 
@@ -58,7 +59,7 @@ def task_train(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
     with Tracker(cfg, train_dir, job, resume=resume_from is not None, active=dist.is_main) as tracker:
         loaders = _loaders(cfg, network.spec, train_dir, ("train", "val", "test"), dist)
         if cfg.ckpt and resume_from is None:
-            skipped = load_pretrained(network, cfg.ckpt)
+            skipped = load_pretrained(network, cfg.ckpt, cfg.mlflow.tracking_uri)
             if skipped:
                 print(f"ckpt={cfg.ckpt}: loaded all but {', '.join(skipped)} (class count differs)")
         cost = _record_cost(cfg, network, tracker)
@@ -81,6 +82,7 @@ def task_train(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
         bn_loader = (_loaders(cfg, network.spec, train_dir, ("train",), dist)["train"]
                      if cfg.trainer.precise_bn_batches else None)
         state = TrainState.start(cfg, train.steps_per_epoch, train_dir, start, dist)
+        state.clip = (cost["clip"][1], cost["clip"][2])
         callbacks = train_callbacks(state, tracker, network, rates, loaders["val"], loaders.values(), bn_loader)
         with pipeline_errors(f"data={cfg.data.name}"):
             model.train(int(cfg.trainer.epochs), train.dataset, callbacks=callbacks, dataset_sink_mode=False,
@@ -88,22 +90,30 @@ def task_train(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
         check_replicas(model.train_network, dist, train_dir)
         restore_best(network, state.best_weights, state.ckpt_dir)
         with pipeline_errors(f"data={cfg.data.name}"):
-            result = _test_and_record(cfg, network, loaders["test"], tracker, train_dir, state.history, dist)
-        tracker.log_artifact(state.best_path, "checkpoints")
-        if state.last_paths:
-            tracker.log_artifact(state.last_paths[-1], "checkpoints")
+            result, metrics = _test_and_record(cfg, network, loaders["test"], tracker, train_dir, state.history, dist)
+        # The checkpoints stay in the run dir; MLflow gets the best network as a model, with the metrics linked.
+        if dist.is_main:
+            test = loaders["test"]
+            spec = model_spec(cfg, network, input_sizes(cfg, network.spec), test.class_names)
+            model_dir = save_trained_model(train_dir / MODEL_DIR, network, spec,
+                                           test.paths[0] if len(test.paths) else None)
+            tracker.log_trained_model(model_dir, {**metrics, "val/best_top1": state.best_top1})
+            result["model_dir"] = str(model_dir)
         result.update(cost, task="train", run_id=tracker.run_id, val_top1=state.best_top1,
                       epochs=int(cfg.trainer.epochs), seconds=round(time.time() - started, 1))
         _leave_result(result, train_dir, dist)
+    # The tracker delivered what it could on leaving: the LoggedModel's ids, once the store has it.
+    result.update(delivered_model(train_dir))
     return result
 
 
 def _test_and_record(cfg, network, test_loader, tracker, run_dir, history, dist: Dist = SINGLE,
                      scorer: Optional[nn.Cell] = None) -> dict:
+    """Test the network, log the bad-video count and plots; returns (the job's result, the test metrics), which the
+    caller logs: task=train links them to the trained model."""
     metrics = evaluate(scorer or network, test_loader, int(cfg.data.num_classes), cfg, "test", dist)
     bad = int(round(dist.all_reduce_sum(np.array([len(test_loader.bad_videos())]))[0]))
-    tracker.log_metrics({"test/top1": metrics["top1"], "test/top5": metrics["top5"], "test/loss": metrics["loss"],
-                         "data/bad_videos_test": bad}, None)
+    tracker.log_metrics({"data/bad_videos_test": bad}, None)
     if dist.is_main:
         plots = save_plots(history, metrics["per_class"], test_loader.class_names, run_dir / "plots")
         for plot in plots:
@@ -111,8 +121,9 @@ def _test_and_record(cfg, network, test_loader, tracker, run_dir, history, dist:
         per_class_path = run_dir / "per_class_accuracy.json"
         per_class_path.write_text(json.dumps(dict(zip(test_loader.class_names, metrics["per_class"])), indent=1))
         tracker.log_artifact(per_class_path, None)
-    return {"model": cfg.model.name, "params": count_parameters(network), "test_top1": metrics["top1"],
-            "test_top5": metrics["top5"], "test_videos": metrics["videos"], "world_size": dist.world_size}
+    result = {"model": cfg.model.name, "params": count_parameters(network), "test_top1": metrics["top1"],
+              "test_top5": metrics["top5"], "test_videos": metrics["videos"], "world_size": dist.world_size}
+    return result, {"test/top1": metrics["top1"], "test/top5": metrics["top5"], "test/loss": metrics["loss"]}
 
 
 def task_test(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
@@ -122,7 +133,7 @@ def task_test(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
     dist = join(device)
     network = build_network(cfg, device)
     with Tracker(cfg, run_dir, job, active=dist.is_main) as tracker:
-        skipped = load_pretrained(network, cfg.ckpt)
+        skipped = load_pretrained(network, cfg.ckpt, cfg.mlflow.tracking_uri)
         if skipped:
             raise UserError(f"ckpt={cfg.ckpt}: its head does not fit data.num_classes={cfg.data.num_classes}")
         loaders = _loaders(cfg, network.spec, run_dir, ("test",), dist)
@@ -130,8 +141,9 @@ def task_test(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
         tracker.log_params({"world_size": dist.world_size})
         tracker.log_datasets(cfg.data.name, loaders)
         with pipeline_errors(f"data={cfg.data.name}"):
-            result = _test_and_record(cfg, network, loaders["test"], tracker, run_dir, [], dist,
-                                      scorer=inference_network(network))
+            result, metrics = _test_and_record(cfg, network, loaders["test"], tracker, run_dir, [], dist,
+                                               scorer=inference_network(network))
+        tracker.log_metrics(metrics, None)
         result.update(cost, task="test", run_id=tracker.run_id, val_top1=None, epochs=0,
                       seconds=round(time.time() - started, 1))
         _leave_result(result, run_dir, dist)

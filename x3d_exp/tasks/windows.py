@@ -27,17 +27,10 @@ import mindspore as ms
 
 from x3d_exp.data.stream import WindowPlan, WindowReader, is_live, open_source, source_duration, source_fps
 from x3d_exp.data.transforms import normalise, test_crops
-from x3d_exp.engine.evaluate import softmax
+from x3d_exp.engine.evaluate import softmax, top_k
 
-TOP_K = 5
 # Top classes drawn on the timeline.
 PLOTTED_CLASSES = 5
-
-
-def top_k(probs: np.ndarray, names: Optional[List[str]]) -> List[dict]:
-    # Stable sort: equal probabilities keep class order, so the output is reproducible.
-    order = np.argsort(-probs, kind="stable")[:TOP_K]
-    return [{"label": names[i] if names else None, "index": int(i), "prob": float(probs[i])} for i in order]
 
 
 def forward(network, views: np.ndarray, batch_size: int) -> np.ndarray:

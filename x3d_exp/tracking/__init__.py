@@ -20,14 +20,29 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from x3d_exp.config import JobContext
+from x3d_exp.config import FACTORS, JobContext
 from x3d_exp.env import under_msrun
 from x3d_exp.errors import Interrupted
 from x3d_exp.tracking.delivery import Sender, finish_delivery
-from x3d_exp.tracking.runs import RUN_ID_FILE, display_uri, owner_tags, spool_new_run
+from x3d_exp.tracking import models  # noqa: F401  (registers the log_trained_model record)
+from x3d_exp.tracking.runs import RUN_ID_FILE, display_uri, git_commit, owner_tags, spool_new_run
 from x3d_exp.tracking.spool import Spool
 
-__all__ = ["Tracker"]
+__all__ = ["Tracker", "dataset_digest"]
+
+
+def dataset_digest(annotation: Path, root: Path) -> str:
+    """16 hex digits of the data root's path, the annotation's contents (HMDB51's, one file per class, is a glob
+    pattern: its files in order) and, for a generated set, its manifest (the generator's settings)."""
+    from x3d_exp.data.synthetic import MANIFEST
+
+    digest = hashlib.sha256(str(root).encode())
+    files = sorted(glob.glob(str(annotation))) or [annotation]
+    if (root / MANIFEST).is_file():
+        files.append(root / MANIFEST)
+    for file in files:
+        digest.update(Path(file).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 class Tracker:
@@ -123,7 +138,7 @@ class Tracker:
             self.sender.notify()
 
     def log_params(self, params: dict):
-        self.record("log_params", params={k: str(v) for k, v in params.items()})
+        self.record("log_params", params={k: None if v is None else str(v) for k, v in params.items()})
 
     def log_metrics(self, metrics: dict, step: Optional[int]):
         if not self.active:
@@ -140,19 +155,17 @@ class Tracker:
             self.record("log_artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
 
     def log_datasets(self, name: str, loaders: dict):
-        """Each split's annotation file as an MLflow dataset input (name, file, digest of its contents, the split as
-        its context), so the run's Datasets section says what it was trained and tested on."""
+        """Each split's annotation file as an MLflow dataset input (name, file, the split as its context), so the
+        run's Datasets section says what it was trained and tested on. The digest covers the annotation's contents,
+        the data root its paths resolve in and, for a generated set, its manifest (the generator's settings): two
+        sets with the same file names but other videos differ."""
         if not self.active:
             return
         datasets = []
         for split, loader in loaders.items():
-            path = Path(loader.annotation).resolve()
-            # HMDB51's annotation is one file per class: a glob pattern, hashed over its files in order.
-            digest = hashlib.sha256()
-            for file in sorted(glob.glob(str(path))) or [path]:
-                digest.update(Path(file).read_bytes())
-            datasets.append({"name": name, "digest": digest.hexdigest()[:16], "source_type": "local",
-                             "source": json.dumps({"uri": str(path)}), "context": split})
+            path, root = Path(loader.annotation).resolve(), Path(loader.root).resolve()
+            datasets.append({"name": name, "digest": dataset_digest(path, root), "source_type": "local",
+                             "source": json.dumps({"uri": str(path), "root": str(root)}), "context": split})
         self.record("log_inputs", datasets=datasets)
 
     def log_model(self, model_name: str, trained, nominal, sizes: dict):
@@ -169,3 +182,19 @@ class Tracker:
         summary.write_text(format_summary(model_name, nominal) + f"\n\nat the trained clip {list(trained.input_shape)}"
                            f": {trained.gmacs:.4f} GMACs\nloader clip sizes: {sizes}\n")
         self.log_artifact(summary, None)
+
+    def log_trained_model(self, model_dir: Path, metrics: dict) -> None:
+        """The model the job saved at `model_dir` (tracking.models.save_trained_model), to become the run's
+        LoggedModel with `metrics` linked to it and, with mlflow.registered_model, registered: a spooled record like
+        the others (tracking.models delivers it and leaves its ids beside the model: tracking.models.delivered_model).
+        """
+        if not self.active:
+            return
+        tags = {"model": str(self.cfg.model.name), "data": str(self.cfg.data.name)}
+        commit = git_commit()
+        if commit:
+            tags["git_commit"] = commit
+        self.record("log_trained_model", model_dir=str(Path(model_dir).resolve()), name=str(self.cfg.model.name),
+                    metrics={k: float(v) for k, v in metrics.items() if v is not None},
+                    registered_model=self.cfg.mlflow.registered_model, tags=tags,
+                    params={key: float(self.cfg.model[key]) for key in FACTORS})

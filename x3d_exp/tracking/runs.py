@@ -36,6 +36,8 @@ RUN_ID_FILE = "mlflow_run_id"
 # global GenAI / Model training switch is off, which it never is there: see view_command.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# The artifact folder beside a sqlite store (artifact_root).
+ARTIFACTS_DIR = "mlartifacts"
 
 
 def git_commit() -> Optional[str]:
@@ -65,19 +67,31 @@ def view_command(client: MlflowClient, tracking_uri: str, run_id: str) -> str:
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict) -> None:
-    """Every param as a string cut to MLflow's limit; log_batch takes at most 100 at a time."""
-    items = [(k, str(v)[:MLFLOW_PARAM_LIMIT]) for k, v in params.items()]
+    """Every param that is set (a null is left out: it says nothing) as a string cut to MLflow's limit; log_batch
+    takes at most 100 at a time."""
+    items = [(k, str(v)[:MLFLOW_PARAM_LIMIT]) for k, v in params.items() if v is not None]
     for start in range(0, len(items), 90):
         client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[start:start + 90]])
 
 
+def artifact_root(tracking_uri: str) -> Optional[str]:
+    """Where a new experiment keeps its artifacts: `mlartifacts/` beside a sqlite store's file, not MLflow's default
+    `./mlruns` of whatever directory the command ran in. None (the server's choice) for other stores."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    return (Path(tracking_uri[len(prefix):]).resolve().parent / ARTIFACTS_DIR).as_uri()
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The experiment's id, created if missing (parallel sweep jobs may race to create it, and one wins), and
-    marked as model training so MLflow 3's UI opens it in that view rather than the GenAI one."""
+    """The experiment's id, created if missing (parallel sweep jobs may race to create it, and one wins), its
+    artifacts beside the store, and marked as model training so MLflow 3's UI opens it in that view rather than the
+    GenAI one."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except mlflow.exceptions.MlflowException:
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
@@ -153,7 +167,7 @@ def spool_new_run(spool: Spool, cfg: DictConfig, run_dir: Path, job: JobContext,
     all_tags.update(tags or {})
     key = spool_run(spool, cfg.mlflow.tracking_uri, cfg.mlflow.experiment_name, name or run_name(cfg), all_tags,
                     parent_key)
-    spool.append("log_params", params={k: str(v) for k, v in flatten(cfg).items()})
+    spool.append("log_params", params={k: None if v is None else str(v) for k, v in flatten(cfg).items()})
     hydra_dir = job.output_dir / ".hydra"
     if hydra_dir.is_dir():
         spool.append("log_artifact", path=str(hydra_dir.resolve()), artifact_path=".hydra")

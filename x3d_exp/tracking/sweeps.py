@@ -33,6 +33,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -76,7 +77,8 @@ def _first_line(text: str) -> str:
 def base_params(sweep_dir: Path) -> dict:
     """The sweep's base config as its parent run's params, read from the sweep's spool (no server needed)."""
     params = [r.args["params"] for r in Spool.in_dir(sweep_dir).read()[0] if r.op == "log_params"]
-    return params[-1] if params else {}
+    # A null is spooled as null (and not logged); compared as the job's own config spells it.
+    return {k: str(v) for k, v in params[-1].items()} if params else {}
 
 
 def run_job(task: Callable[[DictConfig, JobContext], Any], cfg: DictConfig, context: JobContext) -> dict:
@@ -88,13 +90,16 @@ def run_job(task: Callable[[DictConfig, JobContext], Any], cfg: DictConfig, cont
         spool = Spool.in_dir(context.output_dir)
         sender = Sender(spool, str(cfg.mlflow.tracking_uri), context.output_dir / RUN_ID_FILE)
         sender.start()
-        changed = _changed({k: str(v) for k, v in flatten(cfg).items()}, base_params(context.sweep_dir))
+        params = {k: str(v) for k, v in flatten(cfg).items()}
+        # A resumed sweep's base comes from an older spool: a key it lacks was null there.
+        changed = _changed(params, {**{k: "None" for k in params}, **base_params(context.sweep_dir)})
         tags = {"sweep.job": str(job)}
         for tag, key in ((STEP_TAG, "step"), (AXIS_TAG, "axis")):
             if cfg.sweep.get(key) is not None:
                 tags[tag] = str(cfg.sweep[key])
         spool_new_run(spool, cfg, context.output_dir, context, tags=tags,
-                      name=cfg.mlflow.run_name or f"{job}: {changed or '(base)'}"[:250], parent_key=parent_key)
+                      name=cfg.mlflow.run_name or f"{job}: {_short_numbers(changed) or '(base)'}"[:250],
+                      parent_key=parent_key)
         context = dataclasses.replace(context, adopted_run=spool.path)
         sender.drain(START_WAIT_S)
     outcome = {"status": "FINISHED", "run_id": None, "job": job}
@@ -166,6 +171,12 @@ def _changed(params: dict, base: dict) -> str:
     bookkeeping, such as a search's step, aside)."""
     keys = [k for k in params if k in base and params[k] != base[k] and not k.startswith("sweep.")]
     return " ".join(f"{k.removeprefix('model.')}={params[k]}" for k in sorted(keys))
+
+
+def _short_numbers(text: str) -> str:
+    """Numbers of more than 4 significant digits rounded to 4, for run names (the params keep them whole):
+    `lr=0.04064540627628723` reads `lr=0.04065`."""
+    return re.sub(r"(?<![\w.])-?\d+\.\d{4,}(?:e[-+]?\d+)?", lambda m: f"{float(m.group()):.4g}", text)
 
 
 def summary_table(client, children: List, base_params: dict):
@@ -251,14 +262,15 @@ class MlflowSweepCallback(Callback):
         else:
             overrides = " ".join(config.hydra.overrides.task)
             tags = {"sweep": self.name, "sweep.dir": str(self.sweep_dir), "hydra_overrides": overrides,
-                    "task": str(base.task)}
+                    "command": f"python run.py -m {overrides}".strip(), "task": str(base.task)}
             commit = git_commit()
             if commit:
                 tags["git_commit"] = commit
-            spool_run(spool, self.tracking_uri, str(config.mlflow.experiment_name), f"{self.name}: {overrides}"[:250],
-                      tags)
-            self.base_params = {k: str(v) for k, v in flatten(base).items()}
-            spool.append("log_params", params=self.base_params)
+            # Named briefly; the job count is added at the end (the full command is the `command` tag).
+            spool_run(spool, self.tracking_uri, str(config.mlflow.experiment_name), self.name, tags)
+            flat = flatten(base)
+            self.base_params = {k: str(v) for k, v in flat.items()}
+            spool.append("log_params", params={k: None if v is None else str(v) for k, v in flat.items()})
         self.sender.notify()
         # Before any job: a new sqlite store is migrated here once, not by parallel jobs racing each other, and a
         # resumed search reads the parent's id. A server away at the start holds the sweep up to the drain timeout.
@@ -318,6 +330,8 @@ class MlflowSweepCallback(Callback):
         plot = plot_top1_vs_gmacs(table, self.name, self.sweep_dir / SUMMARY_PLOT, SUMMARY_CSV)
         spool.append("log_artifact", path=str(plot))
         bad = table[table.status != "FINISHED"]
+        jobs = f"{len(table)} job{'s' if len(table) != 1 else ''}"
+        spool.append("set_tags", tags={"mlflow.runName": f"{self.name} ({jobs})"})
         best = table.test_top1.max() if table.test_top1.notna().any() else math.nan
         metrics = {"sweep/jobs": len(table), "sweep/failed": len(bad)}
         if not math.isnan(best):

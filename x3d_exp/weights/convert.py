@@ -286,13 +286,16 @@ def params_num_classes(params: Mapping[str, np.ndarray]) -> Optional[int]:
     return None if weight is None else int(weight.shape[0])
 
 
-def load_pretrained(network, ckpt_path: str) -> List[str]:
-    """Load a .ckpt for fine-tuning: everything except a classifier whose class count differs.
+def load_pretrained(network, ckpt_path: str, tracking_uri: Optional[str] = None) -> List[str]:
+    """Load a .ckpt, or an MLflow model (x3d_exp.weights.mlflow_model: a URI resolved in the store at
+    `tracking_uri`), for fine-tuning: everything except a classifier whose class count differs.
 
     Returns (and logs) the skipped keys. Any other missing, unexpected or mis-shaped parameter is an error
     naming it. Non-model entries (optimizer state saved by training) are ignored.
     """
-    params = read_params(ckpt_path)
+    from x3d_exp.weights.mlflow_model import local_checkpoint
+
+    params = read_params(local_checkpoint(ckpt_path, tracking_uri))
     shapes = network_shapes(network)
     skipped = [k for k in HEAD_PROJECTION if k in params and k in shapes and tuple(params[k].shape) != shapes[k]]
     load_params(network, params, skip=tuple(skipped))

@@ -13,6 +13,22 @@ from mindspore import Parameter, nn, ops
 from x3d_exp.errors import WeightsError
 
 EXPORT_FORMATS = {"MINDIR": ".mindir", "ONNX": ".onnx"}
+# The versions setup.cfg's [onnx] extra pins: a bare `pip install onnx` pulls NumPy 2, which breaks MindSpore 2.10.
+ONNX_EXTRA = 'pip install -e ".[onnx]"'
+
+
+def missing_onnx_packages(need_runtime: bool) -> list:
+    """The ONNX packages an export needs that do not import (not installed, or built for another NumPy); checked
+    before any work."""
+    import importlib
+
+    missing = []
+    for name in ["onnx"] + (["onnxruntime"] if need_runtime else []):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
 
 
 class ChannelwiseConv3dAsConv2d(nn.Cell):
@@ -78,8 +94,8 @@ def _fix_onnx_conv3d_pads(path: str) -> int:
     try:
         import onnx
     except ImportError:
-        raise WeightsError("export.format=ONNX needs the onnx package (pip install onnx): MindSpore 2.10's "
-                           "Conv3d padding has to be corrected in the exported graph") from None
+        raise WeightsError(f"export.format=ONNX needs the onnx package: {ONNX_EXTRA} (MindSpore 2.10's "
+                           "Conv3d padding has to be corrected in the exported graph)") from None
     model = onnx.load(path)
     fixed = 0
     for node in model.graph.node:
@@ -133,8 +149,8 @@ def run_exported(path: str, inputs: np.ndarray) -> np.ndarray:
         try:
             import onnxruntime
         except ImportError:
-            raise WeightsError("checking an ONNX export needs onnxruntime (pip install onnxruntime), "
-                               "or set export.verify=false") from None
+            raise WeightsError(f"checking an ONNX export needs onnxruntime: {ONNX_EXTRA}, or set "
+                               "export.verify=false") from None
 
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         return session.run(None, {session.get_inputs()[0].name: inputs})[0]
