@@ -191,7 +191,6 @@ def signature():
 
 
 def _input_example(video: Optional[str]):
-
     if video is None:
         return None
     value = (base64.b64encode(Path(video).read_bytes()).decode("ascii")
