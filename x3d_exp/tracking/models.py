@@ -99,18 +99,16 @@ class VideoClassifier(mlflow.pyfunc.PythonModel):
         import mindspore as ms
 
         from x3d_exp.engine.build import resolve_device
-        from x3d_exp.kernels import resolve_cpu_kernels
-        from x3d_exp.models import build_model
+        from x3d_exp.kernels import resolve_conv_impl
+        from x3d_exp.models import build_from_config
         from x3d_exp.models.fuse import inference_network
         from x3d_exp.weights import load_params, read_params
 
         self.spec = json.loads(Path(context.artifacts["description"]).read_text())
         device = resolve_device("auto")
         ms.set_context(mode=ms.PYNATIVE_MODE, device_target=device)
-        model = self.spec["model"]
-        network = build_model(model["name"], num_classes=int(self.spec["num_classes"]),
-                              conv_impl=resolve_cpu_kernels("auto", device),
-                              **{k: v for k, v in model.items() if k != "name"})
+        network = build_from_config(self.spec["model"], int(self.spec["num_classes"]),
+                                    conv_impl=resolve_conv_impl("auto", device))
         load_params(network, read_params(context.artifacts["weights"]))
         network.set_train(False)
         self.network = inference_network(network)
@@ -156,10 +154,10 @@ class VideoClassifier(mlflow.pyfunc.PythonModel):
 def model_spec(cfg, network, sizes: dict, class_names) -> dict:
     """What `VideoClassifier` rebuilds the network and its test views from: the resolved model config, the class
     names, the clip trained on and the test views."""
-    from x3d_exp.config import model_kwargs
+    from omegaconf import OmegaConf
 
     data = cfg.data
-    return {"model": {"name": str(cfg.model.name), **model_kwargs(cfg)},
+    return {"model": OmegaConf.to_container(cfg.model, resolve=True),
             "num_classes": int(network.spec.num_classes), "class_names": list(class_names),
             "clip": [3, sizes["num_frames"], sizes["crop_size"], sizes["crop_size"]],
             "views": {"num_frames": sizes["num_frames"], "sampling_rate": sizes["sampling_rate"],
