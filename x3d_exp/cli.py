@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -17,8 +18,9 @@ from omegaconf import DictConfig
 
 from x3d_exp.config import JobContext, validate
 from x3d_exp.data import resolve_num_classes
+from x3d_exp.engine.progress import summary_line
 from x3d_exp.env import under_msrun
-from x3d_exp.errors import UserError
+from x3d_exp.errors import Interrupted, UserError
 from x3d_exp.tasks import DISTRIBUTED_TASKS, task_function
 
 
@@ -60,17 +62,58 @@ def run_task(cfg: DictConfig, job: JobContext):
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    if isinstance(result, dict) and result.get("task") in ("train", "test") and "test_top1" in result:
+        print(summary_line(result, _view(cfg, result.get("run_id"))), flush=True)
     print(json.dumps(result), flush=True)
     return result
 
 
+def _view(cfg: DictConfig, run_id) -> str:
+    """How to open the run in MLflow's UI (x3d_exp.tracking.runs.view_command); '' without a run."""
+    if not run_id or not cfg.mlflow.enabled:
+        return ""
+    from mlflow.tracking import MlflowClient
+
+    from x3d_exp.tracking.runs import view_command
+
+    return view_command(MlflowClient(cfg.mlflow.tracking_uri), cfg.mlflow.tracking_uri, run_id)
+
+
+def resume_command(job: JobContext, run_dir) -> str:
+    """The command that continues an interrupted job: its own config source and overrides, resume=auto and its run
+    dir (a resume or run-dir override of the original is replaced)."""
+    args = [f"--config-name={job.config_name}"] if job.config_name not in ("config", "") else []
+    args += [f"--config-dir={path}" for path in job.config_dirs]
+    args += [o for o in job.task_overrides if not o.lstrip("+~").startswith("resume=")]
+    args += [o for o in job.hydra_overrides
+             if not o.lstrip("+~").startswith(("hydra.run.dir=", "hydra.sweep.", "hydra.job.num", "hydra.mode"))]
+    args += ["resume=auto", f"hydra.run.dir={run_dir}"]
+    return shlex.join(["python", sys.argv[0], *args])
+
+
+def interrupt_lines(err: Interrupted, job: JobContext) -> list:
+    """What stopped the job, where, and the saved state; then the command that resumes it (with the line the signal
+    handler printed when the signal came, three lines in all)."""
+    checkpoint = getattr(err, "checkpoint", None)
+    if checkpoint is None:
+        return [f"{err} before a training state was saved: nothing to resume; the same command starts again"]
+    return [f"{err} at {err.position}; training state saved in {checkpoint}",
+            f"resume with: {resume_command(job, getattr(err, 'run_dir', job.output_dir))}"]
+
+
 def main(cfg: DictConfig):
     """Hydra's task function (run.py): one job. Returns its result, or with `sweep.optimized_metric` set (an
-    Optuna sweep, say) that value of the result as the objective, NaN when the job failed."""
+    Optuna sweep, say) that value of the result as the objective, NaN when the job failed. A job stopped by a signal
+    (`Interrupted`) ends the process, the multirun too, with the shell's status for that signal."""
+    from x3d_exp.engine.interrupt import exit_status
     from x3d_exp.tracking.sweeps import run_job
 
     job = job_context()
-    outcome = run_job(lambda composed: run_task(composed, job), cfg, job)
+    try:
+        outcome = run_job(lambda composed: run_task(composed, job), cfg, job)
+    except Interrupted as err:
+        print("\n".join(interrupt_lines(err, job)), file=sys.stderr, flush=True)
+        sys.exit(exit_status(err.signal_name))
     metric = cfg.sweep.get("optimized_metric")
     if not metric:
         return outcome

@@ -34,3 +34,11 @@ class UnsafeCheckpointError(CheckpointError):
 
 class LaunchError(UserError):
     """The distributed run failed or timed out; the message names the failing rank's log."""
+
+
+class Interrupted(BaseException):
+    """The job was stopped by a signal (SIGINT, SIGTERM, SIGUSR1) at a step boundary, after saving its state."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(f"stopped by {signal_name}")
+        self.signal_name = signal_name

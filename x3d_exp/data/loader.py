@@ -236,13 +236,18 @@ class EvalSource:
 
 
 class EpochSampler(ds.Sampler):
-    """A fresh seeded permutation of all videos each epoch, cut into equal shards (wrapping to fill the last)."""
+    """A fresh seeded permutation of all videos each epoch, cut into equal shards (wrapping to fill the last).
+
+    `skip` samples are left out of the next epoch only (a run resumed mid-epoch): the same order from there on, so
+    the remaining batches hold the same videos, with the same augmentation, as in an uninterrupted run.
+    """
 
     def __init__(self, num_videos: int, seed: int, shard_id: int, num_shards: int):
         self.per_shard = math.ceil(num_videos / num_shards)
         super().__init__(num_samples=self.per_shard)
         self.num_videos, self.seed, self.shard_id, self.num_shards = num_videos, seed, shard_id, num_shards
         self.epoch = 0
+        self.skip = 0
 
     def __deepcopy__(self, memo):
         # MindSpore deep-copies the pipeline for every iterator; sharing the sampler keeps the epoch count going
@@ -254,6 +259,7 @@ class EpochSampler(ds.Sampler):
         self.epoch += 1
         order = np.random.default_rng([self.seed, epoch]).permutation(self.num_videos)
         order = np.resize(order, self.per_shard * self.num_shards)[self.shard_id::self.num_shards]
+        order, self.skip = order[self.skip:], 0
         return iter((order + epoch * self.num_videos).tolist())
 
 
@@ -261,7 +267,8 @@ class Loader:
     """What the engine gets from `build_loader`; see x3d_exp.data for the contract."""
 
     def __init__(self, dataset, split: str, num_videos: int, class_names: List[str], badlog: BadVideoLog,
-                 max_bad_fraction: float, sampler: Optional[EpochSampler] = None, annotation: str = ""):
+                 max_bad_fraction: float, sampler: Optional[EpochSampler] = None, annotation: str = "",
+                 videos_per_batch: int = 1):
         self.dataset = dataset
         self.split = split
         self.annotation = annotation  # the file this split's video list came from
@@ -271,6 +278,7 @@ class Loader:
         self.steps_per_epoch = dataset.get_dataset_size()
         self._badlog = badlog
         self._sampler = sampler
+        self._videos_per_batch = videos_per_batch
 
     @property
     def num_classes(self) -> int:
@@ -292,10 +300,12 @@ class Loader:
                             f"data.max_bad_fraction={self.max_bad_fraction}: e.g. {path} ({reason}); "
                             f"all listed in {self.bad_log_path}")
 
-    def set_epoch(self, epoch: int) -> None:
-        """Continue the training order and augmentation at `epoch` (for resuming); eval splits ignore it."""
+    def set_epoch(self, epoch: int, skip_steps: int = 0) -> None:
+        """Continue the training order and augmentation at `epoch` (0-based), leaving out its first `skip_steps`
+        batches (already trained before an interruption); eval splits ignore it."""
         if self._sampler is not None:
             self._sampler.epoch = epoch
+            self._sampler.skip = skip_steps * self._videos_per_batch
 
 
 def resolve_root(data_cfg, min_size: int = 0) -> Path:
@@ -422,7 +432,7 @@ def build_loader(data_cfg, split: str, *, num_frames: int, sampling_rate: int, c
         else:
             dataset = dataset.batch(batch_size, drop_remainder=bool(drop_remainder))
     return Loader(dataset, split, num_videos, videos.class_names, badlog, float(data_cfg.max_bad_fraction), sampler,
-                  videos.annotation)
+                  videos.annotation, videos_per_batch=batch_size // clips_per_video)
 
 
 def load_video_views(path, *, num_frames: int, sampling_rate: int, test_crop_size: int, num_clips: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,12 +19,18 @@ from x3d_exp.engine.build import build_network, build_optimizer, setup_context, 
 from x3d_exp.engine.callbacks import TrainState, train_callbacks
 from x3d_exp.engine.checkpoint import resolve_resume, restore_best, restore_training_state, write_atomic
 from x3d_exp.engine.evaluate import evaluate
+from x3d_exp.engine.interrupt import StopAtStepBoundary, StopSignals
+from x3d_exp.engine.memory import available_memory, compile_seconds, estimate_memory, memory_warning
+from x3d_exp.engine.progress import eval_cost
 from x3d_exp.errors import UserError
 from x3d_exp.models.fuse import inference_network
 from x3d_exp.models.summary import count_parameters, trace_network
 from x3d_exp.tracking import Tracker
 from x3d_exp.tracking.plots import save_plots
+from x3d_exp.tracking.runs import view_command
 from x3d_exp.weights import load_pretrained
+
+log = logging.getLogger("x3d_exp.train")
 
 
 def _loaders(cfg: DictConfig, spec, run_dir: Path, splits, dist: Dist = SINGLE):
@@ -49,13 +56,32 @@ def _leave_result(result: dict, out_dir: Path, dist: Dist) -> None:
         write_atomic(out_dir / RESULT_FILE, json.dumps(result))
 
 
+def _announce(cfg: DictConfig, network, device: str, run_dir: Path, tracker: Tracker, dist: Dist) -> None:
+    """The run's first line: its dir, its MLflow link and the memory it will need; a warning when that is more than
+    is free."""
+    sizes = input_sizes(cfg, network.spec)
+    estimate = estimate_memory(network, train_clip(sizes), int(cfg.data.batch_size), str(cfg.optim.name))
+    link = view_command(tracker.client, tracker.tracking_uri, tracker.run_id) if tracker.active else "MLflow off"
+    if dist.is_main:
+        print(f"run dir {run_dir}; view: {link}; memory per process {estimate.describe()}", flush=True)
+    warning = memory_warning(estimate, available_memory(device))
+    if warning:
+        log.warning(warning)
+
+
 def task_train(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
+    with StopSignals() as signals:
+        return _train(cfg, job, signals)
+
+
+def _train(cfg: DictConfig, job: JobContext, signals: StopSignals) -> dict:
     started = time.time()
     train_dir, resume_from = resolve_resume(cfg.resume, job.output_dir)
     device = setup_context(cfg)
     dist = join(device)
     network = build_network(cfg, device)
     with Tracker(cfg, train_dir, job, resume=resume_from is not None, active=dist.is_main) as tracker:
+        _announce(cfg, network, device, train_dir, tracker, dist)
         loaders = _loaders(cfg, network.spec, train_dir, ("train", "val", "test"), dist)
         if cfg.ckpt and resume_from is None:
             skipped = load_pretrained(network, cfg.ckpt)
@@ -71,20 +97,32 @@ def task_train(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
         start = None
         if resume_from is not None:
             start = restore_training_state(model.train_network, resume_from)
-            print(f"resumed from {resume_from} at epoch {start['epoch']}, step {start['step']}")
+            print(f"resumed from {resume_from} at epoch {start['epoch']}, step {start['step']}", flush=True)
         first_epoch = int(start["epoch"]) if start else 0
         if first_epoch >= cfg.trainer.epochs:
             raise UserError(f"resume={cfg.resume}: {resume_from} is already at epoch {first_epoch} of "
                             f"trainer.epochs={cfg.trainer.epochs}")
-        train.set_epoch(first_epoch)
         # Its own pipeline: the training one is mid-iteration inside Model.train when the statistics are taken.
         bn_loader = (_loaders(cfg, network.spec, train_dir, ("train",), dist)["train"]
                      if cfg.trainer.precise_bn_batches else None)
         state = TrainState.start(cfg, train.steps_per_epoch, train_dir, start, dist)
+        train.set_epoch(first_epoch, state.skip_steps)
+        sizes = input_sizes(cfg, network.spec)
+        val_batch = int(cfg.data.eval_batch_size or cfg.data.batch_size)
+        state.start_clock(first_epoch, loaders["val"].steps_per_epoch, loaders["test"].steps_per_epoch,
+                          eval_cost(int(cfg.data.batch_size), sizes["crop_size"], val_batch, sizes["test_crop_size"]))
+        if cfg.trainer.graph_mode:
+            state.compile_estimate_s = compile_seconds(network, train_clip(sizes))
         callbacks = train_callbacks(state, tracker, network, rates, loaders["val"], loaders.values(), bn_loader)
+        callbacks.append(StopAtStepBoundary(state, signals))
+        signals.deferring = True
         with pipeline_errors(f"data={cfg.data.name}"):
             model.train(int(cfg.trainer.epochs), train.dataset, callbacks=callbacks, dataset_sink_mode=False,
                         initial_epoch=first_epoch)
+        signals.deferring = False
+        if signals.requested:
+            # Asked during the last epoch's end: training is complete, so the test runs and the job finishes.
+            log.info("%s after the last epoch: finishing with the test", signals.requested)
         check_replicas(model.train_network, dist, train_dir)
         restore_best(network, state.best_weights, state.ckpt_dir)
         with pipeline_errors(f"data={cfg.data.name}"):
@@ -92,8 +130,8 @@ def task_train(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
         tracker.log_artifact(state.best_path, "checkpoints")
         if state.last_paths:
             tracker.log_artifact(state.last_paths[-1], "checkpoints")
-        result.update(cost, task="train", run_id=tracker.run_id, val_top1=state.best_top1,
-                      epochs=int(cfg.trainer.epochs), seconds=round(time.time() - started, 1))
+        result.update(cost, task="train", run_id=tracker.run_id, val_top1=state.best_top1, best_epoch=state.best_epoch,
+                      epochs=int(cfg.trainer.epochs), seconds=round(time.time() - started, 1), run_dir=str(train_dir))
         _leave_result(result, train_dir, dist)
     return result
 
@@ -133,6 +171,6 @@ def task_test(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
             result = _test_and_record(cfg, network, loaders["test"], tracker, run_dir, [], dist,
                                       scorer=inference_network(network))
         result.update(cost, task="test", run_id=tracker.run_id, val_top1=None, epochs=0,
-                      seconds=round(time.time() - started, 1))
+                      seconds=round(time.time() - started, 1), run_dir=str(run_dir))
         _leave_result(result, run_dir, dist)
     return result

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from x3d_exp.config import JobContext
 from x3d_exp.env import under_msrun
+from x3d_exp.errors import Interrupted
 from x3d_exp.tracking.runs import (ADOPT_ENV, close_orphaned_runs, create_run, log_params, owner_tags,
                                    view_command)
 
@@ -28,7 +29,8 @@ __all__ = ["ADOPT_ENV", "Tracker"]
 
 
 class Tracker:
-    """Context manager around an MLflow run; the run ends FAILED on any exception, KeyboardInterrupt included.
+    """Context manager around an MLflow run; the run ends KILLED when a signal stopped the job (`Interrupted`), FAILED
+    on any other exception, KeyboardInterrupt included.
 
     `active=False` (ranks other than 0) makes every method a no-op, so the engine needs no rank checks around it.
     The owner of a run that ends well prints how to view it.
@@ -89,7 +91,11 @@ class Tracker:
             return False
         if self._monitor is not None:
             self._monitor.finish()
-        if exc_type is not None:
+        if isinstance(exc, Interrupted):
+            # Stopped by its user (a signal), its state saved: MLflow's KILLED, with the signal's name.
+            self.client.set_tag(self.run_id, "error", str(exc))
+            self.client.set_terminated(self.run_id, "KILLED")
+        elif exc_type is not None:
             self.client.set_tag(self.run_id, "error", f"{exc_type.__name__}: {exc}"[:5000])
             self.client.set_terminated(self.run_id, "FAILED")
         elif self.owner:

@@ -42,6 +42,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from x3d_exp.config import FACTORS, JobContext, flatten
+from x3d_exp.errors import Interrupted
 from x3d_exp.tracking.plots import plot_top1_vs_gmacs
 from x3d_exp.tracking.runs import ADOPT_ENV, create_run, git_commit, log_params, open_run, view_command
 
@@ -92,6 +93,12 @@ def run_job(task: Callable[[DictConfig], Any], cfg: DictConfig, context: JobCont
     outcome = {"status": "FINISHED", "run_id": run_id, "job": job}
     try:
         outcome.update(task(cfg) or {})
+    except Interrupted as err:
+        # A signal stops the whole multirun, not just this job: the job's run is KILLED, as a single run's would be.
+        if client is not None:
+            client.set_tag(run_id, "error", str(err))
+            client.set_terminated(run_id, "KILLED")
+        raise
     except BaseException as err:  # noqa: B902 - a user error arrives as SystemExit, Ctrl+C as KeyboardInterrupt
         outcome.update(status="FAILED", error=_describe_failure(err))
         if not isinstance(err, SystemExit):
