@@ -27,9 +27,10 @@ from omegaconf import DictConfig
 
 from x3d_exp.config import JobContext
 from x3d_exp.distributed import RESULT_FILE
-from x3d_exp.engine.checkpoint import resolve_resume
+from x3d_exp.engine.checkpoint import INTERRUPT_CKPT, resolve_resume
+from x3d_exp.engine.interrupt import StopSignals
 from x3d_exp.env import under_msrun
-from x3d_exp.errors import LaunchError, UserError
+from x3d_exp.errors import Interrupted, LaunchError, UserError
 from x3d_exp.tracking import ADOPT_ENV, Tracker
 
 # msrun starts each worker as `python <script> <args>`: the script must be run.py, the only entry point that
@@ -158,6 +159,23 @@ def _wait(proc: subprocess.Popen, stderr: _MsrunStderr, deadline: Optional[float
     return code
 
 
+def _signal_ranks(proc: subprocess.Popen, signum: int) -> None:
+    """Pass a stop signal on to the rank processes below msrun (not msrun, whose SIGINT handler kills every rank at
+    once, nor its scheduler): each stops after the same step (x3d_exp.engine.interrupt)."""
+    import psutil
+
+    try:
+        below = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for child in below:
+        try:
+            if child.environ().get("MS_ROLE") == "MS_WORKER":
+                child.send_signal(signum)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
 def _first_error(log_dir: Path) -> str:
     """The last error line of the first rank log that has one (ranks msrun killed afterwards have none)."""
     pattern = re.compile(r"^(error: |[\w.]*(Error|Exception|Interrupt)\b)")
@@ -191,8 +209,13 @@ def launch(cfg: DictConfig, job: JobContext) -> dict:
                                 errors="replace")
         stderr = _MsrunStderr(proc.stderr)
         stderr.start()
+        # msrun runs in a session of its own, so a Ctrl+C reaches this process only: it goes on to the ranks,
+        # which stop together after a step, rank 0 having saved the state; then msrun ends and so does this.
+        signals = StopSignals(on_request=lambda signum: _signal_ranks(proc, signum), before_quit=lambda: _stop(proc))
+        signals.deferring = True
         try:
-            code = _wait(proc, stderr, started + timeout if timeout else None)
+            with signals:
+                code = _wait(proc, stderr, started + timeout if timeout else None)
         except subprocess.TimeoutExpired:
             _stop(proc)
             raise LaunchError(f"launcher.timeout={cfg.launcher.timeout}s passed: stopped msrun and its ranks; "
@@ -201,6 +224,12 @@ def launch(cfg: DictConfig, job: JobContext) -> dict:
             _stop(proc)
             raise
         stderr.join(timeout=5)
+        if signals.requested:
+            err = Interrupted(signals.requested)
+            saved = out_dir / "checkpoints" / INTERRUPT_CKPT
+            if saved.is_file() and saved.stat().st_mtime >= started:
+                err.checkpoint, err.run_dir, err.position = saved, out_dir, "a step boundary"
+            raise err
         if code != 0:
             cause = stderr.failure or f"msrun exit status {code}"
             raise LaunchError(f"distributed run failed ({cause}): {_first_error(run_dir / LOG_DIR)}; "

@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from mindspore.train import Callback
@@ -73,9 +73,12 @@ class StopSignals:
     first signal's name is kept in `requested`, and a second SIGINT exits at once with status 130. On close the
     previous handlers come back."""
 
-    def __init__(self):
+    def __init__(self, on_request: Optional[Callable[[int], None]] = None,
+                 before_quit: Optional[Callable[[], None]] = None):
         self.requested: Optional[str] = None
         self.deferring = False
+        # For a launcher: pass the first signal on (to the ranks), and stop them before a second Ctrl+C quits.
+        self._on_request, self._before_quit = on_request, before_quit
         self._previous = {}
         self._guard: Optional[_SigintGuard] = None
 
@@ -87,8 +90,12 @@ class StopSignals:
             self.requested = name
             print(f"{name}: stopping after the step in flight to save the training state (Ctrl+C again quits at "
                   f"once)", file=sys.stderr, flush=True)
+            if self._on_request is not None:
+                self._on_request(signum)
         elif signum == signal.SIGINT:
             print("second SIGINT: quitting without saving", file=sys.stderr, flush=True)
+            if self._before_quit is not None:
+                self._before_quit()
             os._exit(exit_status("SIGINT"))
 
     def __enter__(self):
