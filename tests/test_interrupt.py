@@ -92,16 +92,15 @@ def test_a_plain_log_gives_the_whole_run_estimate_on_each_epoch_line_and_no_carr
     assert any(line.startswith("run dir ") and "memory per process about" in line for line in lines)
 
 
-def test_the_sampler_skips_the_trained_batches_of_the_resumed_epoch_only():
+def test_the_sampler_of_a_partial_epoch_yields_the_rest_of_the_same_order():
     from x3d_exp.data.loader import EpochSampler
 
-    whole = EpochSampler(10, seed=3, shard_id=0, num_shards=1)
+    whole = EpochSampler(10, seed=3, shard_id=1, num_shards=2)
     whole.epoch = 2
-    uninterrupted = [list(whole), list(whole)]
-    resumed = EpochSampler(10, seed=3, shard_id=0, num_shards=1)
-    resumed.epoch, resumed.skip = 2, 4
-    assert list(resumed) == uninterrupted[0][4:]
-    assert list(resumed) == uninterrupted[1]
+    uninterrupted = list(whole)
+    rest = EpochSampler(10, seed=3, shard_id=1, num_shards=2, skip=2)
+    rest.epoch = 2
+    assert list(rest) == uninterrupted[2:] and rest.get_num_samples() == len(uninterrupted) - 2
 
 
 def test_the_resume_command_keeps_the_overrides_and_replaces_resume_and_the_run_dir(monkeypatch):

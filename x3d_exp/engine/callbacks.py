@@ -122,6 +122,7 @@ class StepLogger(Callback):
     def on_train_begin(self, run_context):
         if self.state.compile_estimate_s is not None:
             log.info("compiling the training graph, one time, about %s", format_duration(self.state.compile_estimate_s))
+            self.state.compile_estimate_s = None  # a resumed run trains its partial epoch, then the rest: say it once
 
     def on_train_epoch_begin(self, run_context):
         epoch = run_context.original_args().cur_epoch_num

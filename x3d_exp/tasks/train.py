@@ -33,10 +33,11 @@ from x3d_exp.weights import load_pretrained
 log = logging.getLogger("x3d_exp.train")
 
 
-def _loaders(cfg: DictConfig, spec, run_dir: Path, splits, dist: Dist = SINGLE):
+def _loaders(cfg: DictConfig, spec, run_dir: Path, splits, dist: Dist = SINGLE, skip_batches: int = 0):
     sizes = input_sizes(cfg, spec)
     return {split: build_loader(cfg.data, split, seed=int(cfg.seed), bad_log_dir=str(run_dir / "bad_videos"),
-                                shard_id=dist.rank, num_shards=dist.world_size, **sizes) for split in splits}
+                                shard_id=dist.rank, num_shards=dist.world_size, skip_batches=skip_batches, **sizes)
+            for split in splits}
 
 
 def _record_cost(cfg: DictConfig, network, tracker: Tracker) -> dict:
@@ -106,7 +107,14 @@ def _train(cfg: DictConfig, job: JobContext, signals: StopSignals) -> dict:
         bn_loader = (_loaders(cfg, network.spec, train_dir, ("train",), dist)["train"]
                      if cfg.trainer.precise_bn_batches else None)
         state = TrainState.start(cfg, train.steps_per_epoch, train_dir, start, dist)
-        train.set_epoch(first_epoch, state.skip_steps)
+        # Resumed mid-epoch: the rest of that epoch comes from a pipeline of its own, which leaves out the batches
+        # already trained; the full pipeline takes over at the next epoch.
+        rest = (_loaders(cfg, network.spec, train_dir, ("train",), dist, skip_batches=state.skip_steps)["train"]
+                if state.skip_steps else None)
+        if rest is not None:
+            rest.set_epoch(first_epoch)
+        full_from = first_epoch + (rest is not None)
+        train.set_epoch(full_from)
         sizes = input_sizes(cfg, network.spec)
         val_batch = int(cfg.data.eval_batch_size or cfg.data.batch_size)
         state.start_clock(first_epoch, loaders["val"].steps_per_epoch, loaders["test"].steps_per_epoch,
@@ -117,8 +125,12 @@ def _train(cfg: DictConfig, job: JobContext, signals: StopSignals) -> dict:
         callbacks.append(StopAtStepBoundary(state, signals))
         signals.deferring = True
         with pipeline_errors(f"data={cfg.data.name}"):
-            model.train(int(cfg.trainer.epochs), train.dataset, callbacks=callbacks, dataset_sink_mode=False,
-                        initial_epoch=first_epoch)
+            if rest is not None:
+                model.train(full_from, rest.dataset, callbacks=callbacks, dataset_sink_mode=False,
+                            initial_epoch=first_epoch)
+            if full_from < cfg.trainer.epochs:
+                model.train(int(cfg.trainer.epochs), train.dataset, callbacks=callbacks, dataset_sink_mode=False,
+                            initial_epoch=full_from)
         signals.deferring = False
         if signals.requested:
             # Asked during the last epoch's end: training is complete, so the test runs and the job finishes.
