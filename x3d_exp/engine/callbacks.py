@@ -3,13 +3,16 @@
 `train_callbacks` returns them in the order MindSpore must call them at each epoch's end (it calls a callback
 list in order):
 
-1. `StepLogger`: step loss, lr and clips/s, the progress bar, the epoch's history record.
+1. `StepLogger`: step loss, lr and clips/s, the progress bar with the whole run's estimate (a line a minute in a
+   plain log instead), the epoch's history record.
 2. `BatchNormStatistics`: precise BN (when asked for), then the mean of the BN buffers over ranks, so that
    validation and the checkpoint both see the statistics every rank shares.
 3. `Validation`: the val split's video-level metrics; notes an improvement and keeps those weights in memory.
 4. `BadVideoCount`: the bad-video count over ranks, and the stop when too many videos fail to decode.
 5. `Checkpointing`: rank 0 writes best.ckpt, epochNNNN.ckpt and the history, last, so a checkpoint holds
-   what was validated.
+   what was validated; the epoch's log line, with the run's elapsed time and estimate.
+
+The task appends x3d_exp.engine.interrupt.StopAtStepBoundary after them: a signal stops the run after a step.
 
 Steps are numbered globally from the epoch, (epoch - 1) * steps_per_epoch + i, so a resumed run continues
 the same MLflow step axis. `tracker` is anything with `log_metrics(metrics, step)` (x3d_exp.tracking.Tracker;

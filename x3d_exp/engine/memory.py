@@ -16,7 +16,6 @@ gives the figures and the error).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
