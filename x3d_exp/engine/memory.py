@@ -24,9 +24,10 @@ from x3d_exp.models.summary import trace_network
 BYTES = 4  # float32
 ACTIVATION_COPIES = 9.0
 RUNTIME_BYTES = 1.6e9
-# Rule of thumb for the one-time graph compile on the CPU: seconds per conv and linear layer of the network.
-COMPILE_S_PER_LAYER = 0.25
-COMPILE_S_BASE = 5.0
+# Rule of thumb for the one-time graph compile on the CPU: seconds per conv and linear layer of the network, from
+# X3D-L's 27 s (232 layers) on this 2-core machine unloaded. A loaded machine takes several times longer.
+COMPILE_S_PER_LAYER = 0.1
+COMPILE_S_BASE = 3.0
 
 
 @dataclass(frozen=True)
