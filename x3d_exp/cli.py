@@ -63,20 +63,11 @@ def run_task(cfg: DictConfig, job: JobContext):
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     if isinstance(result, dict) and result.get("task") in ("train", "test") and "test_top1" in result:
-        print(summary_line(result, _view(cfg, result.get("run_id"))), flush=True)
+        from x3d_exp.tasks.train import run_link
+
+        print(summary_line(result, run_link(cfg, result.get("run_id"))), flush=True)
     print(json.dumps(result), flush=True)
     return result
-
-
-def _view(cfg: DictConfig, run_id) -> str:
-    """How to open the run in MLflow's UI (x3d_exp.tracking.runs.view_command); '' without a run."""
-    if not run_id or not cfg.mlflow.enabled:
-        return ""
-    from mlflow.tracking import MlflowClient
-
-    from x3d_exp.tracking.runs import view_command
-
-    return view_command(MlflowClient(cfg.mlflow.tracking_uri), cfg.mlflow.tracking_uri, run_id)
 
 
 def resume_command(job: JobContext, run_dir) -> str:

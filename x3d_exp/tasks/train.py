@@ -57,12 +57,21 @@ def _leave_result(result: dict, out_dir: Path, dist: Dist) -> None:
         write_atomic(out_dir / RESULT_FILE, json.dumps(result))
 
 
+def run_link(cfg: DictConfig, run_id: Optional[str]) -> str:
+    """How to open a run in MLflow's UI (x3d_exp.tracking.runs.view_command); '' without a run."""
+    if not run_id or not cfg.mlflow.enabled:
+        return ""
+    from mlflow.tracking import MlflowClient
+
+    return view_command(MlflowClient(cfg.mlflow.tracking_uri), cfg.mlflow.tracking_uri, run_id)
+
+
 def _announce(cfg: DictConfig, network, device: str, run_dir: Path, tracker: Tracker, dist: Dist) -> None:
     """The run's first line: its dir, its MLflow link and the memory it will need; a warning when that is more than
     is free."""
     sizes = input_sizes(cfg, network.spec)
     estimate = estimate_memory(network, train_clip(sizes), int(cfg.data.batch_size), str(cfg.optim.name))
-    link = view_command(tracker.client, tracker.tracking_uri, tracker.run_id) if tracker.active else "MLflow off"
+    link = run_link(cfg, tracker.run_id) or "MLflow off"
     if dist.is_main:
         print(f"run dir {run_dir}; view: {link}; memory per process {estimate.describe()}", flush=True)
     warning = memory_warning(estimate, available_memory(device))
