@@ -58,16 +58,19 @@ def test_the_end_line():
 
 
 def test_the_memory_estimate_adds_up_and_names_a_batch_that_fits():
-    from x3d_exp.engine.memory import ACTIVATION_COPIES, RUNTIME_BYTES, estimate_memory, memory_warning
+    from x3d_exp.engine.memory import (ACTIVATION_COPIES, RUNTIME_BYTES, RUNTIME_BYTES_PER_LAYER, estimate_memory,
+                                       memory_warning)
     from x3d_exp.models import build_model
     from x3d_exp.models.summary import trace_network
 
     network = build_model("x3d_xs", num_classes=4)
     clip = [3, 4, 64, 64]
     params = sum(int(p.size) for p in network.get_parameters())
-    elements = sum(int(np.prod(layer.out_shape)) for layer in trace_network(network, clip).layers)
+    layers = trace_network(network, clip).layers
+    elements = sum(int(np.prod(layer.out_shape)) for layer in layers)
     sgd = estimate_memory(network, clip, 8, "sgd")
-    assert sgd.total == pytest.approx(4 * params * 3 + 4 * 8 * elements * ACTIVATION_COPIES + RUNTIME_BYTES)
+    runtime = RUNTIME_BYTES + RUNTIME_BYTES_PER_LAYER * len(layers)
+    assert sgd.total == pytest.approx(4 * params * 3 + 4 * 8 * elements * ACTIVATION_COPIES + runtime)
     assert estimate_memory(network, clip, 8, "adamw").total == pytest.approx(sgd.total + 4 * params)
     assert estimate_memory(network, clip, 16, "sgd").activations == pytest.approx(2 * sgd.activations)
     assert memory_warning(sgd, sgd.total + 1) is None

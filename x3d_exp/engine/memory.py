@@ -7,11 +7,12 @@ moments two) + activations kept for the backward pass + the runtime.
   network, models.summary.trace_network), times the batch, times `ACTIVATION_COPIES`: besides each conv's output the
   backward pass keeps its BatchNorm's output and its activation's, and MindSpore's CPU kernels allocate their
   gradients alongside.
-- Runtime: what a process holds before it trains: Python, MindSpore and its compiled graphs, the data pipeline's
-  queues, MLflow (`RUNTIME_BYTES`).
+- Runtime: what a process holds besides: Python, MindSpore, the data pipeline's queues, MLflow, and the compiled
+  graphs with their kernels, which grow with the network's layer count (`RUNTIME_BYTES` + `RUNTIME_BYTES_PER_LAYER`
+  per conv and linear layer).
 
-The two constants were fitted to the peak RSS of `python run.py model=x3d_xs|x3d_m|x3d_l` on the CPU (docs/training.md
-gives the figures and the error).
+The constants were fitted to the peak RSS of X3D-M at batch 16 and X3D-L at batches 4 and 16 on the CPU, and checked
+against X3D-XS (docs/training.md gives the figures and the error).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import Optional, Sequence
 from x3d_exp.models.summary import trace_network
 
 BYTES = 4  # float32
-ACTIVATION_COPIES = 9.0
-RUNTIME_BYTES = 1.6e9
+ACTIVATION_COPIES = 3.5
+RUNTIME_BYTES = 0.05e9
+RUNTIME_BYTES_PER_LAYER = 9.5e6
 # Rule of thumb for the one-time graph compile on the CPU: seconds per conv and linear layer of the network, from
 # X3D-L's 27 s (232 layers) on this 2-core machine unloaded. A loaded machine takes several times longer.
 COMPILE_S_PER_LAYER = 0.1
@@ -67,7 +69,7 @@ def estimate_memory(network, clip: Sequence[int], batch_size: int, optimizer: st
     activation_elements = sum(_elements(layer.out_shape) for layer in count.layers)
     return MemoryEstimate(params=2 * BYTES * params, optimizer=moments * BYTES * params,
                           activations=ACTIVATION_COPIES * BYTES * activation_elements * batch_size,
-                          runtime=RUNTIME_BYTES, batch_size=batch_size)
+                          runtime=RUNTIME_BYTES + RUNTIME_BYTES_PER_LAYER * len(count.layers), batch_size=batch_size)
 
 
 def compile_seconds(network, clip: Sequence[int]) -> float:
