@@ -132,10 +132,14 @@ class _MsrunStderr(threading.Thread):
         self.stream = stream
         self.failure: Optional[str] = None
         self.failed_at: Optional[float] = None
+        # Set once a stop signal was passed on: msrun's own traceback about the ranks' exits would bury the
+        # three lines that say where the run stopped (every rank's output stays in its log).
+        self.quiet = False
 
     def run(self):
         for line in self.stream:
-            sys.stderr.write(line)
+            if not self.quiet:
+                sys.stderr.write(line)
             found = self.FAILED_RANK.search(line)
             if found and self.failure is None:
                 self.failure = f"rank process {found.group(1)} exited with status {found.group(2)}"
@@ -211,7 +215,11 @@ def launch(cfg: DictConfig, job: JobContext) -> dict:
         stderr.start()
         # msrun runs in a session of its own, so a Ctrl+C reaches this process only: it goes on to the ranks,
         # which stop together after a step, rank 0 having saved the state; then msrun ends and so does this.
-        signals = StopSignals(on_request=lambda signum: _signal_ranks(proc, signum), before_quit=lambda: _stop(proc))
+        def pass_on(signum: int) -> None:
+            stderr.quiet = True
+            _signal_ranks(proc, signum)
+
+        signals = StopSignals(on_request=pass_on, before_quit=lambda: _stop(proc))
         signals.deferring = True
         try:
             with signals:
