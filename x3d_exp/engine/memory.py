@@ -11,8 +11,8 @@ moments two) + activations kept for the backward pass + the runtime.
   graphs with their kernels, which grow with the network's layer count (`RUNTIME_BYTES` + `RUNTIME_BYTES_PER_LAYER`
   per conv and linear layer).
 
-The constants were fitted to the peak RSS of X3D-M at batch 16 and X3D-L at batches 4 and 16 on the CPU, and checked
-against X3D-XS (docs/training.md gives the figures and the error).
+The constants were fitted (least squares of the relative error) to the peak RSS of X3D-XS and X3D-M at batch 16 and
+X3D-L at batches 4 and 16 on the CPU (docs/training.md gives the figures and the error).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Optional, Sequence
 from x3d_exp.models.summary import trace_network
 
 BYTES = 4  # float32
-ACTIVATION_COPIES = 3.5
-RUNTIME_BYTES = 0.05e9
-RUNTIME_BYTES_PER_LAYER = 9.5e6
+ACTIVATION_COPIES = 3.1
+RUNTIME_BYTES = 0.96e9
+RUNTIME_BYTES_PER_LAYER = 7.4e6
 # Rule of thumb for the one-time graph compile on the CPU: seconds per conv and linear layer of the network, from
 # X3D-L's 27 s (232 layers) on this 2-core machine unloaded. A loaded machine takes several times longer.
 COMPILE_S_PER_LAYER = 0.1
