@@ -135,3 +135,21 @@ def test_an_interrupted_run_is_killed_not_failed_in_the_tracker(tmp_path):
     (run,) = runs_of(store_uri(tmp_path))
     assert run.info.status == "KILLED" and run.data.tags["error"] == "stopped by SIGUSR1"
     assert run.info.end_time is not None
+
+
+def test_a_first_signal_is_kept_for_the_step_boundary_and_a_second_ctrl_c_quits_at_once(tmp_path):
+    script = ("import os, signal, time\n"
+              "from x3d_exp.engine.interrupt import StopSignals\n"
+              "with StopSignals() as signals:\n"
+              "    signals.deferring = True\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    time.sleep(0.2)\n"
+              "    print('kept', signals.requested, flush=True)\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "    time.sleep(5)\n"
+              "print('not reached')\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=cli_env(tmp_path / "cache"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130
+    assert done.stdout.split() == ["kept", "SIGTERM"]
+    assert "quitting without saving" in done.stderr and "Traceback" not in done.stderr
