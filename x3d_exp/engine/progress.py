@@ -93,7 +93,7 @@ class RunClock:
         if not self._step_times:
             return None
         # The recent steps: the rate moves with the load on the machine, and the data cache warms up.
-        recent = self._step_times[-200:]
+        recent = self._step_times[-50:]
         step = sum(recent) / len(recent)
         batch = sum(self._eval_times) / len(self._eval_times) if self._eval_times else step * self.eval_cost
         evals = max(0, self.validations - self.validations_done) * self.val_batches + self.test_batches
