@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import REPO, SHALLOW, TINY, cli_env, mlflow_server, run_cli, runs_of, store_uri
+from tests.cli_helpers import TINY, mlflow_server, run_cli, runs_of, store_uri
 
 
 @pytest.mark.slow
@@ -43,22 +41,6 @@ def test_a_run_that_fails_is_marked_failed(cache, tmp_path):
     assert "no_such.ckpt" in done.stderr.strip().splitlines()[-1] and "Traceback" not in done.stderr
     (run,) = runs_of(store_uri(tmp_path))
     assert run.info.status == "FAILED" and "no_such.ckpt" in run.data.tags["error"]
-
-
-def test_an_interrupted_run_is_marked_failed(cache, tmp_path):
-    uri = store_uri(tmp_path)
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *TINY, *SHALLOW, "trainer.epochs=50",
-                             f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri={uri}"],
-                            cwd=tmp_path, env=cli_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while not (run_dir / "checkpoints" / "epoch0001.ckpt").exists() and time.time() < deadline:
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) != 0
-    (run,) = runs_of(uri)
-    assert run.info.status == "FAILED" and "KeyboardInterrupt" in run.data.tags["error"]
 
 
 def test_mlflow_server_serves_the_run_and_its_test_top1(trained, tmp_path):

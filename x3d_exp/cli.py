@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from omegaconf import DictConfig
 
 from x3d_exp.config import JobContext, validate
 from x3d_exp.data import resolve_num_classes
+from x3d_exp.engine.progress import summary_line
 from x3d_exp.env import adopted_run, under_msrun
-from x3d_exp.errors import UserError
+from x3d_exp.errors import Interrupted, UserError
 from x3d_exp.tasks import DISTRIBUTED_TASKS, task_function
 
 
@@ -58,23 +60,56 @@ def run_task(cfg: DictConfig, job: JobContext) -> dict:
         result = msrun.launch(cfg, job)
     else:
         result = task_function(cfg.task)(cfg, job)
+    if isinstance(result, dict) and result.get("task") in ("train", "test") and "test_top1" in result:
+        from x3d_exp.tasks.train import run_link
+
+        print(summary_line(result, run_link(cfg, result.get("run_id"))), flush=True)
     print(json.dumps(result), flush=True)
     return result
 
 
+def resume_command(job: JobContext, run_dir) -> str:
+    """The command that continues an interrupted job: its own config source and overrides, resume=auto and its run
+    dir (a resume or run-dir override of the original is replaced)."""
+    args = [f"--config-name={job.config_name}"] if job.config_name not in ("config", "") else []
+    args += [f"--config-dir={path}" for path in job.config_dirs]
+    args += [o for o in job.task_overrides if not o.lstrip("+~").startswith("resume=")]
+    args += [o for o in job.hydra_overrides
+             if not o.lstrip("+~").startswith(("hydra.run.dir=", "hydra.sweep.", "hydra.job.num", "hydra.mode"))]
+    args += ["resume=auto", f"hydra.run.dir={run_dir}"]
+    return shlex.join(["python", sys.argv[0], *args])
+
+
+def interrupt_lines(err: Interrupted, job: JobContext) -> list:
+    """What stopped the job, where, and the saved state; then the command that resumes it (with the line the signal
+    handler printed when the signal came, three lines in all)."""
+    checkpoint = getattr(err, "checkpoint", None)
+    if checkpoint is None:
+        return [f"{err} before a training state was saved: nothing to resume; the same command starts again"]
+    return [f"{err} at {err.position}; training state saved in {checkpoint}",
+            f"resume with: {resume_command(job, getattr(err, 'run_dir', job.output_dir))}"]
+
+
 def main(cfg: DictConfig):
     """Hydra's task function (run.py): one job. Returns its result; in a multirun with `sweep.optimized_metric` set
-    (an Optuna sweep, say), that value of the result as the objective, NaN when the job failed."""
-    job = job_context()
-    if not job.multirun:
-        try:
-            return run_task(cfg, job)
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-    from x3d_exp.tracking.sweeps import run_job
+    (an Optuna sweep, say), that value of the result as the objective, NaN when the job failed. A job stopped by a
+    signal (`Interrupted`) ends the process, the multirun too, with the shell's status for that signal."""
+    from x3d_exp.engine.interrupt import exit_status
 
-    outcome = run_job(run_task, cfg, job)
+    job = job_context()
+    try:
+        if not job.multirun:
+            try:
+                return run_task(cfg, job)
+            except UserError as err:
+                print(f"error: {err}", file=sys.stderr)
+                sys.exit(2)
+        from x3d_exp.tracking.sweeps import run_job
+
+        outcome = run_job(run_task, cfg, job)
+    except Interrupted as err:
+        print("\n".join(interrupt_lines(err, job)), file=sys.stderr, flush=True)
+        sys.exit(exit_status(err.signal_name))
     metric = cfg.sweep.get("optimized_metric")
     if not metric:
         return outcome

@@ -238,13 +238,20 @@ class EvalSource:
 
 
 class EpochSampler(ds.Sampler):
-    """A fresh seeded permutation of all videos each epoch, cut into equal shards (wrapping to fill the last)."""
+    """A fresh seeded permutation of all videos each epoch, cut into equal shards (wrapping to fill the last).
 
-    def __init__(self, num_videos: int, seed: int, shard_id: int, num_shards: int):
+    With `skip`, every epoch leaves out its first `skip` samples: the rest of an epoch that a resumed run had partly
+    trained. The order is the same from there on, so the remaining batches hold the same videos, with the same
+    augmentation, as in an uninterrupted run. (MindSpore insists that every epoch yield `num_samples`, so a partial
+    epoch needs a sampler, and a pipeline, of its own.)
+    """
+
+    def __init__(self, num_videos: int, seed: int, shard_id: int, num_shards: int, skip: int = 0):
         self.per_shard = math.ceil(num_videos / num_shards)
-        super().__init__(num_samples=self.per_shard)
+        super().__init__(num_samples=self.per_shard - skip)
         self.num_videos, self.seed, self.shard_id, self.num_shards = num_videos, seed, shard_id, num_shards
         self.epoch = 0
+        self.skip = skip
 
     def __deepcopy__(self, memo):
         # MindSpore deep-copies the pipeline for every iterator; sharing the sampler keeps the epoch count going
@@ -256,7 +263,7 @@ class EpochSampler(ds.Sampler):
         self.epoch += 1
         order = np.random.default_rng([self.seed, epoch]).permutation(self.num_videos)
         order = np.resize(order, self.per_shard * self.num_shards)[self.shard_id::self.num_shards]
-        return iter((order + epoch * self.num_videos).tolist())
+        return iter((order[self.skip:] + epoch * self.num_videos).tolist())
 
 
 class Loader:
@@ -369,13 +376,15 @@ def _check_sizes(num_frames, sampling_rate, crop_size, test_crop_size, train_sca
 def build_loader(data_cfg, split: str, *, num_frames: int, sampling_rate: int, crop_size: int,
                  test_crop_size: int, train_scale: Sequence[int], seed: int = 0, shard_id: int = 0,
                  num_shards: int = 1, bad_log_dir: Optional[str] = None, batch_size: Optional[int] = None,
-                 drop_remainder: Optional[bool] = None) -> Loader:
+                 drop_remainder: Optional[bool] = None, skip_batches: int = 0) -> Loader:
     """The batched dataset of one split. Raises DataError for any problem with the data's location or annotation.
 
     train: ("clip" [B,3,T,crop,crop] float32, "label" [B] int32), a new seeded order and augmentation per epoch.
     val:   ("clip" [B,3,T,S,S], "label", "video_index" [B] int32), the centre clip's centre crop, S = test crop.
     test:  the same columns, one row per view: test_num_clips x test_num_crops consecutive rows per video.
     Eval splits are padded to whole batches; padding and bad videos have video_index -1.
+    `skip_batches` (train): each epoch without its first batches, for the rest of an epoch a resumed run had partly
+    trained (EpochSampler).
     """
     if not 0 <= shard_id < num_shards:
         raise DataError(f"shard_id={shard_id}: must be in [0, num_shards={num_shards})")
@@ -402,7 +411,7 @@ def build_loader(data_cfg, split: str, *, num_frames: int, sampling_rate: int, c
 
     sampler = None
     if training:
-        sampler = EpochSampler(len(videos), seed, shard_id, num_shards)
+        sampler = EpochSampler(len(videos), seed, shard_id, num_shards, skip_batches * batch_size // clips_per_video)
         num_videos = sampler.per_shard
         if drop_remainder and num_videos * clips_per_video < batch_size:
             raise DataError(f"{videos.annotation}: {num_videos} training videos per shard x "

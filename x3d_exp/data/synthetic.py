@@ -12,10 +12,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import av
@@ -32,6 +35,8 @@ MANIFEST = "synthetic.json"
 GENERATOR_VERSION = 4
 PREFIX = "synthetic"
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+
+log = logging.getLogger("x3d_exp.data")
 
 
 def auto_size(min_size: int) -> int:
@@ -141,9 +146,13 @@ def encode_mp4(path: Path, video: np.ndarray, fps: int) -> None:
 
 
 def generate(root: Path, params: dict) -> None:
-    """Write the dataset into the (empty) folder `root`."""
+    """Write the dataset into the (empty) folder `root`, with a progress bar on a terminal."""
+    from tqdm import tqdm
+
     classes = CLASSES[:params["num_classes"]]
     time_end = math.ceil(params["frames"] / params["fps"])
+    total = sum(params[f"{split}_per_class"] for split in _SPLIT_CODES) * len(classes)
+    bar = tqdm(total=total, desc="synthetic videos", disable=not sys.stderr.isatty(), leave=False)
     for split, code in _SPLIT_CODES.items():
         (root / split).mkdir()
         per_class = params[f"{split}_per_class"]
@@ -157,6 +166,8 @@ def generate(root: Path, params: dict) -> None:
                 video = render(rng, label, params["frames"], params["size"], params["object_size"], params["speed"])
                 encode_mp4(root / split / f"{youtube_id}_{0:06d}_{time_end:06d}.mp4", video, params["fps"])
                 writer.writerow([label, youtube_id, 0, time_end, split])
+                bar.update(1)
+    bar.close()
     # Written last: its presence marks a complete dataset.
     (root / MANIFEST).write_text(json.dumps({"generator": GENERATOR_VERSION, "params": params}, indent=1))
 
@@ -196,8 +207,13 @@ def ensure_synthetic(data_cfg, min_size: int = 0) -> Path:
                         f"choose another data.root")
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    videos = sum(params[f"{split}_per_class"] for split in _SPLIT_CODES) * params["num_classes"]
+    log.info("generating the synthetic dataset, one time: %d videos of %d frames at %d px into %s", videos,
+             params["frames"], params["size"], root)
+    started = time.time()
     try:
         generate(staging, params)
+        log.info("generated the synthetic dataset in %.0f s", time.time() - started)
         if _is_current(root, params):  # another process finished first
             return root
         if root.exists():

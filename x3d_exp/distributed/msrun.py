@@ -29,9 +29,10 @@ from omegaconf import DictConfig
 from x3d_exp.config import JobContext
 from x3d_exp.distributed import RESULT_FILE
 from x3d_exp.engine.build import check_device
-from x3d_exp.engine.checkpoint import resolve_resume
-from x3d_exp.env import ADOPTED_RUN_ENV, under_msrun
-from x3d_exp.errors import LaunchError, UserError
+from x3d_exp.engine.checkpoint import INTERRUPT_CKPT, resolve_resume
+from x3d_exp.engine.interrupt import StopSignals
+from x3d_exp.env import ADOPTED_RUN_ENV
+from x3d_exp.errors import Interrupted, LaunchError, UserError
 from x3d_exp.tracking import Tracker
 
 # msrun starts each worker as `python <script> <args>`: the script must be run.py, the only entry point that
@@ -129,10 +130,14 @@ class _MsrunStderr(threading.Thread):
         self.stream = stream
         self.failure: Optional[str] = None
         self.failed_at: Optional[float] = None
+        # Set once a stop signal was passed on: msrun's own traceback about the ranks' exits would bury the
+        # three lines that say where the run stopped (every rank's output stays in its log).
+        self.quiet = False
 
     def run(self):
         for line in self.stream:
-            sys.stderr.write(line)
+            if not self.quiet:
+                sys.stderr.write(line)
             found = self.FAILED_RANK.search(line)
             if found and self.failure is None:
                 self.failure = f"rank process {found.group(1)} exited with status {found.group(2)}"
@@ -154,6 +159,23 @@ def _wait(proc: subprocess.Popen, stderr: _MsrunStderr, deadline: Optional[float
             return None
         time.sleep(0.5)
     return code
+
+
+def _signal_ranks(proc: subprocess.Popen, signum: int) -> None:
+    """Pass a stop signal on to the rank processes below msrun (not msrun, whose SIGINT handler kills every rank at
+    once, nor its scheduler): each stops after the same step (x3d_exp.engine.interrupt)."""
+    import psutil
+
+    try:
+        below = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for child in below:
+        try:
+            if child.environ().get("MS_ROLE") == "MS_WORKER":
+                child.send_signal(signum)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
 
 
 def _first_error(log_dir: Path) -> str:
@@ -189,8 +211,17 @@ def launch(cfg: DictConfig, job: JobContext) -> dict:
                                 errors="replace")
         stderr = _MsrunStderr(proc.stderr)
         stderr.start()
+        # msrun runs in a session of its own, so a Ctrl+C reaches this process only: it goes on to the ranks,
+        # which stop together after a step, rank 0 having saved the state; then msrun ends and so does this.
+        def pass_on(signum: int) -> None:
+            stderr.quiet = True
+            _signal_ranks(proc, signum)
+
+        signals = StopSignals(on_request=pass_on, before_quit=lambda: _stop(proc))
+        signals.deferring = True
         try:
-            code = _wait(proc, stderr, started + timeout if timeout else None)
+            with signals:
+                code = _wait(proc, stderr, started + timeout if timeout else None)
         except subprocess.TimeoutExpired:
             _stop(proc)
             raise LaunchError(f"launcher.timeout={cfg.launcher.timeout}s passed: stopped msrun and its ranks; "
@@ -199,6 +230,12 @@ def launch(cfg: DictConfig, job: JobContext) -> dict:
             _stop(proc)
             raise
         stderr.join(timeout=5)
+        if signals.requested:
+            err = Interrupted(signals.requested)
+            saved = out_dir / "checkpoints" / INTERRUPT_CKPT
+            if saved.is_file() and saved.stat().st_mtime >= started:
+                err.checkpoint, err.run_dir, err.position = saved, out_dir, "a step boundary"
+            raise err
         if code != 0:
             cause = stderr.failure or f"msrun exit status {code}"
             raise LaunchError(f"distributed run failed ({cause}): {_first_error(run_dir / LOG_DIR)}; "

@@ -16,9 +16,12 @@ from x3d_exp.errors import UserError, WeightsError
 
 EPOCH_CKPT = re.compile(r"^epoch(\d+)\.ckpt$")
 BEST_CKPT = "best.ckpt"
-# Metadata beside the weights: where training stands, and the clip it trains on (frames, crop side), which task=export
-# takes as its default input.
-META_KEYS = ("epoch", "step", "best_top1", "clip_num_frames", "clip_crop_size")
+# Metadata beside the weights: where training stands (a state saved mid-epoch also has the steps done in the next
+# epoch, step_in_epoch), and the clip it trains on (frames, crop side), which task=export takes as its default input.
+META_KEYS = ("epoch", "step", "step_in_epoch", "best_top1", "clip_num_frames", "clip_crop_size")
+# The state saved when a signal stopped the training (x3d_exp.engine.interrupt); removed by the next epoch checkpoint,
+# so when present it is the newest state.
+INTERRUPT_CKPT = "interrupted.ckpt"
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -45,6 +48,12 @@ def epoch_checkpoints(ckpt_dir: Path) -> List[Path]:
         return []
     found = [(int(m.group(1)), p) for p in ckpt_dir.iterdir() if (m := EPOCH_CKPT.match(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def resumable_checkpoints(ckpt_dir: Path) -> List[Path]:
+    """The states a resume can start from, oldest first: the epoch checkpoints, then an interrupted one."""
+    interrupted = ckpt_dir / INTERRUPT_CKPT
+    return epoch_checkpoints(ckpt_dir) + ([interrupted] if interrupted.is_file() else [])
 
 
 def newest_unfinished_run(outputs: Path, exclude: Path) -> Optional[Tuple[Path, int, int]]:
@@ -74,7 +83,7 @@ def resolve_resume(setting, run_dir: Path):
     if setting in (False, None, "false", "False"):
         return run_dir, None
     if setting == "auto":
-        found = epoch_checkpoints(run_dir / "checkpoints")
+        found = resumable_checkpoints(run_dir / "checkpoints")
         if not found:
             hint = ""
             unfinished = newest_unfinished_run(run_dir.parent.parent, exclude=run_dir)
@@ -87,9 +96,9 @@ def resolve_resume(setting, run_dir: Path):
     path = Path(str(setting)).expanduser()
     if path.is_dir():
         ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        found = epoch_checkpoints(ckpt_dir)
+        found = resumable_checkpoints(ckpt_dir)
         if not found:
-            raise UserError(f"resume={setting}: no epochNNNN.ckpt in {ckpt_dir}")
+            raise UserError(f"resume={setting}: no epochNNNN.ckpt or {INTERRUPT_CKPT} in {ckpt_dir}")
         path = found[-1]
     elif not path.is_file():
         raise UserError(f"resume={setting}: no such checkpoint or run directory")
@@ -97,7 +106,8 @@ def resolve_resume(setting, run_dir: Path):
 
 
 def restore_training_state(train_network: nn.Cell, path: Path) -> dict:
-    """Load weights and optimizer state into the training cell; returns the saved epoch, step and best top-1."""
+    """Load weights and optimizer state into the training cell; returns the saved epoch (the epochs completed), step,
+    best top-1 and, for a state saved mid-epoch, the steps done in the next epoch (step_in_epoch)."""
     try:
         state = ms.load_checkpoint(str(path))
     except (ValueError, RuntimeError, OSError) as err:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import sys
-from typing import Dict
+import time
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import mindspore as ms
@@ -11,15 +11,7 @@ from mindspore import nn
 from omegaconf import DictConfig
 
 from x3d_exp.distributed import SINGLE, Dist, merge_video_scores
-
-
-def progress_bar(cfg: DictConfig, total: int, desc: str):
-    """tqdm with ETA on a terminal; silent in logs unless trainer.progress=on."""
-    from tqdm import tqdm
-
-    setting = str(cfg.trainer.progress)
-    enabled = sys.stderr.isatty() if setting == "auto" else setting in ("on", "true", "True")
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+from x3d_exp.engine.progress import progress_bar
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -36,25 +28,31 @@ def top_k(probs: np.ndarray, names, k: int = 5) -> list:
     return [{"label": names[i] if names else None, "index": int(i), "prob": float(probs[i])} for i in order]
 
 
-def collect_scores(network: nn.Cell, loader, cfg: DictConfig, desc: str):
-    """Sum of softmax over every view of each video: ({video_index: probs}, {video_index: label}, loss sum, views)."""
+def collect_scores(network: nn.Cell, loader, cfg: DictConfig, desc: str,
+                   on_batch: Optional[Callable[[float], None]] = None):
+    """Sum of softmax over every view of each video: ({video_index: probs}, {video_index: label}, loss sum, views).
+    `on_batch` gets each batch's seconds (reading and scoring), for the run's time estimate."""
     network.set_train(False)
     prob_sum: Dict[int, np.ndarray] = {}
     labels: Dict[int, int] = {}
     loss_sum, views = 0.0, 0
     bar = progress_bar(cfg, loader.steps_per_epoch, desc)
+    started = time.time()
     for batch in loader.dataset.create_dict_iterator(num_epochs=1, output_numpy=True):
         bar.update(1)
         keep = batch["video_index"] >= 0
-        if not keep.any():
-            continue
-        probs = softmax(network(ms.Tensor(batch["clip"])).asnumpy()[keep])
-        batch_labels = batch["label"][keep]
-        loss_sum += float(-np.log(np.clip(probs[np.arange(len(probs)), batch_labels], 1e-12, None)).sum())
-        views += len(probs)
-        for video, label, p in zip(batch["video_index"][keep], batch_labels, probs):
-            prob_sum[int(video)] = prob_sum.get(int(video), 0) + p
-            labels[int(video)] = int(label)
+        if keep.any():
+            probs = softmax(network(ms.Tensor(batch["clip"])).asnumpy()[keep])
+            batch_labels = batch["label"][keep]
+            loss_sum += float(-np.log(np.clip(probs[np.arange(len(probs)), batch_labels], 1e-12, None)).sum())
+            views += len(probs)
+            for video, label, p in zip(batch["video_index"][keep], batch_labels, probs):
+                prob_sum[int(video)] = prob_sum.get(int(video), 0) + p
+                labels[int(video)] = int(label)
+        if on_batch is not None:
+            now = time.time()
+            on_batch(now - started)
+            started = now
     bar.close()
     return prob_sum, labels, loss_sum, views
 
@@ -76,7 +74,8 @@ def video_metrics(prob_sum: Dict[int, np.ndarray], labels: Dict[int, int], loss_
 
 
 def evaluate(network: nn.Cell, loader, num_classes: int, cfg: DictConfig, desc: str,
-             dist: Dist = SINGLE) -> Dict[str, object]:
+             dist: Dist = SINGLE, on_batch: Optional[Callable[[float], None]] = None) -> Dict[str, object]:
     """Video-level metrics of one split: the loss is per view, accuracy per video; over all ranks' shards."""
-    scores = merge_video_scores(*collect_scores(network, loader, cfg, desc), loader.num_videos, num_classes, dist)
+    scores = merge_video_scores(*collect_scores(network, loader, cfg, desc, on_batch), loader.num_videos, num_classes,
+                                dist)
     return video_metrics(*scores, num_classes)

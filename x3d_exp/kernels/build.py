@@ -16,11 +16,13 @@ Environment:
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from x3d_exp.env import cache_root
@@ -34,6 +36,8 @@ DEFAULT_FLAGS = ("-O3", "-march=native")
 # Needed for any build, whatever the user's flags.
 BASE_FLAGS = ("-std=c++17", "-shared", "-fPIC", "-pthread")
 COMPILE_TIMEOUT_S = 300
+
+log = logging.getLogger("x3d_exp.kernels")
 
 
 class KernelBuildError(RuntimeError):
@@ -103,6 +107,9 @@ def build_library() -> Path:
     fd, temp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".tmp.so", dir=target.parent)
     os.close(fd)
     cmd = [find_compiler(), *compile_flags(), *map(str, SOURCES), "-o", temp]
+    # First use on a machine: say why the job pauses (tens of seconds at -O3) before it does.
+    log.info("compiling the C++ CPU kernels for this machine, one time, into %s", target.parent)
+    started = time.time()
     try:
         try:
             result = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
@@ -115,6 +122,7 @@ def build_library() -> Path:
             raise KernelBuildError(f"compiling the {LIBRARY_NAME} library failed: {first}\n{shlex.join(cmd)}\n"
                                    f"{result.stderr}")
         os.replace(temp, target)
+        log.info("compiled the C++ CPU kernels in %.0f s", time.time() - started)
     finally:
         if os.path.exists(temp):
             os.unlink(temp)

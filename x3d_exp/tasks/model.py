@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from x3d_exp.config import JobContext
+from x3d_exp.config import JobContext, input_sizes, train_clip
 from x3d_exp.engine.checkpoint import trained_clip
+from x3d_exp.engine.memory import estimate_memory
 from x3d_exp.errors import CheckpointError, UserError, WeightsError
 from x3d_exp.models import build_from_config
 from x3d_exp.models.summary import format_summary, trace_network
@@ -31,11 +32,14 @@ def task_summary(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
     count = trace_network(net, net.spec.input_shape)
     test_input = [3, net.spec.num_frames, net.spec.test_crop_size, net.spec.test_crop_size]
     test_count = trace_network(net, test_input)
+    clip = train_clip(input_sizes(cfg, net.spec))
+    memory = estimate_memory(net, clip, int(cfg.data.batch_size), str(cfg.optim.name))
     print(format_summary(cfg.model.name, count))
     print(f"test crop {test_input}: {test_count.gmacs:.3f} GMACs")
+    print(f"training memory per process at the loader's clip {clip}: {memory.describe()}")
     return {"task": "summary", "model": cfg.model.name, "params": count.params, "gmacs": round(count.gmacs, 4),
             "test_gmacs": round(test_count.gmacs, 4), "input": list(count.input_shape),
-            "num_classes": int(cfg.data.num_classes)}
+            "num_classes": int(cfg.data.num_classes), "memory_gb": round(memory.total / 1e9, 2)}
 
 
 def _build(cfg: DictConfig, num_classes: int):

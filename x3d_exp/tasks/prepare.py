@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from x3d_exp.config import JobContext
 from x3d_exp.data.prepare import prepare_dataset
-from x3d_exp.engine.evaluate import progress_bar
+from x3d_exp.engine.progress import progress_bar
 from x3d_exp.errors import UserError
 
 # Bad files named in the result line; all of them are printed as they are met.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,19 +19,26 @@ from x3d_exp.engine.build import build_network, build_optimizer, setup_context, 
 from x3d_exp.engine.callbacks import TrainState, train_callbacks
 from x3d_exp.engine.checkpoint import resolve_resume, restore_best, restore_training_state, write_atomic
 from x3d_exp.engine.evaluate import evaluate
+from x3d_exp.engine.interrupt import StopAtStepBoundary, StopSignals
+from x3d_exp.engine.memory import available_memory, compile_seconds, estimate_memory, memory_warning
+from x3d_exp.engine.progress import eval_cost
 from x3d_exp.errors import UserError
 from x3d_exp.models.fuse import inference_network
 from x3d_exp.models.summary import count_parameters, trace_network
 from x3d_exp.tracking import Tracker
 from x3d_exp.tracking.models import MODEL_DIR, delivered_model, model_spec, save_trained_model
 from x3d_exp.tracking.plots import save_plots
+from x3d_exp.tracking.runs import view_command
 from x3d_exp.weights import load_pretrained
 
+log = logging.getLogger("x3d_exp.train")
 
-def _loaders(cfg: DictConfig, spec, run_dir: Path, splits, dist: Dist = SINGLE):
+
+def _loaders(cfg: DictConfig, spec, run_dir: Path, splits, dist: Dist = SINGLE, skip_batches: int = 0):
     sizes = input_sizes(cfg, spec)
     return {split: build_loader(cfg.data, split, seed=int(cfg.seed), bad_log_dir=str(run_dir / "bad_videos"),
-                                shard_id=dist.rank, num_shards=dist.world_size, **sizes) for split in splits}
+                                shard_id=dist.rank, num_shards=dist.world_size, skip_batches=skip_batches, **sizes)
+            for split in splits}
 
 
 def _record_cost(cfg: DictConfig, network, tracker: Tracker) -> dict:
@@ -50,13 +58,45 @@ def _leave_result(result: dict, out_dir: Path, dist: Dist) -> None:
         write_atomic(out_dir / RESULT_FILE, json.dumps(result))
 
 
+def run_link(cfg: DictConfig, run_id: Optional[str]) -> str:
+    """How to open a run in MLflow's UI (x3d_exp.tracking.runs.view_command); '' without a run."""
+    if not run_id or not cfg.mlflow.enabled:
+        return ""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return view_command(MlflowClient(cfg.mlflow.tracking_uri), cfg.mlflow.tracking_uri, run_id)
+    except (MlflowException, OSError):  # the store is away: the spool still holds the run (docs/tracking.md)
+        return f"run {run_id} in {cfg.mlflow.tracking_uri} (not answering now)"
+
+
+def _announce(cfg: DictConfig, network, device: str, run_dir: Path, tracker: Tracker, dist: Dist) -> None:
+    """The run's first line: its dir, its MLflow link and the memory it will need; a warning when that is more than
+    is free."""
+    sizes = input_sizes(cfg, network.spec)
+    estimate = estimate_memory(network, train_clip(sizes), int(cfg.data.batch_size), str(cfg.optim.name))
+    link = run_link(cfg, tracker.run_id) or "MLflow off"
+    if dist.is_main:
+        print(f"run dir {run_dir}; view: {link}; memory per process {estimate.describe()}", flush=True)
+    warning = memory_warning(estimate, available_memory(device))
+    if warning:
+        log.warning(warning)
+
+
 def task_train(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
+    with StopSignals() as signals:
+        return _train(cfg, job, signals)
+
+
+def _train(cfg: DictConfig, job: JobContext, signals: StopSignals) -> dict:
     started = time.time()
     train_dir, resume_from = resolve_resume(cfg.resume, job.output_dir)
     device = setup_context(cfg)
     dist = join(device)
     network = build_network(cfg, device)
     with Tracker(cfg, train_dir, job, resume=resume_from is not None, active=dist.is_main) as tracker:
+        _announce(cfg, network, device, train_dir, tracker, dist)
         loaders = _loaders(cfg, network.spec, train_dir, ("train", "val", "test"), dist)
         if cfg.ckpt and resume_from is None:
             skipped = load_pretrained(network, cfg.ckpt, cfg.mlflow.tracking_uri)
@@ -72,21 +112,44 @@ def task_train(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
         start = None
         if resume_from is not None:
             start = restore_training_state(model.train_network, resume_from)
-            print(f"resumed from {resume_from} at epoch {start['epoch']}, step {start['step']}")
+            print(f"resumed from {resume_from} at epoch {start['epoch']}, step {start['step']}", flush=True)
         first_epoch = int(start["epoch"]) if start else 0
         if first_epoch >= cfg.trainer.epochs:
             raise UserError(f"resume={cfg.resume}: {resume_from} is already at epoch {first_epoch} of "
                             f"trainer.epochs={cfg.trainer.epochs}")
-        train.set_epoch(first_epoch)
         # Its own pipeline: the training one is mid-iteration inside Model.train when the statistics are taken.
         bn_loader = (_loaders(cfg, network.spec, train_dir, ("train",), dist)["train"]
                      if cfg.trainer.precise_bn_batches else None)
         state = TrainState.start(cfg, train.steps_per_epoch, train_dir, start, dist)
         state.clip = (cost["clip"][1], cost["clip"][2])
+        # Resumed mid-epoch: the rest of that epoch comes from a pipeline of its own, which leaves out the batches
+        # already trained; the full pipeline takes over at the next epoch.
+        rest = (_loaders(cfg, network.spec, train_dir, ("train",), dist, skip_batches=state.skip_steps)["train"]
+                if state.skip_steps else None)
+        if rest is not None:
+            rest.set_epoch(first_epoch)
+        full_from = first_epoch + (rest is not None)
+        train.set_epoch(full_from)
+        sizes = input_sizes(cfg, network.spec)
+        val_batch = int(cfg.data.eval_batch_size or cfg.data.batch_size)
+        state.start_clock(first_epoch, loaders["val"].steps_per_epoch, loaders["test"].steps_per_epoch,
+                          eval_cost(int(cfg.data.batch_size), sizes["crop_size"], val_batch, sizes["test_crop_size"]))
+        if cfg.trainer.graph_mode:
+            state.compile_estimate_s = compile_seconds(network, train_clip(sizes))
         callbacks = train_callbacks(state, tracker, network, rates, loaders["val"], loaders.values(), bn_loader)
+        callbacks.append(StopAtStepBoundary(state, signals))
+        signals.deferring = True
         with pipeline_errors(f"data={cfg.data.name}"):
-            model.train(int(cfg.trainer.epochs), train.dataset, callbacks=callbacks, dataset_sink_mode=False,
-                        initial_epoch=first_epoch)
+            if rest is not None:
+                model.train(full_from, rest.dataset, callbacks=callbacks, dataset_sink_mode=False,
+                            initial_epoch=first_epoch)
+            if full_from < cfg.trainer.epochs:
+                model.train(int(cfg.trainer.epochs), train.dataset, callbacks=callbacks, dataset_sink_mode=False,
+                            initial_epoch=full_from)
+        signals.deferring = False
+        if signals.requested:
+            # Asked during the last epoch's end: training is complete, so the test runs and the job finishes.
+            log.info("%s after the last epoch: finishing with the test", signals.requested)
         check_replicas(model.train_network, dist, train_dir)
         restore_best(network, state.best_weights, state.ckpt_dir)
         with pipeline_errors(f"data={cfg.data.name}"):
@@ -94,13 +157,13 @@ def task_train(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
         # The checkpoints stay in the run dir; MLflow gets the best network as a model, with the metrics linked.
         if dist.is_main:
             test = loaders["test"]
-            spec = model_spec(cfg, network, input_sizes(cfg, network.spec), test.class_names)
+            spec = model_spec(cfg, network, sizes, test.class_names)
             model_dir = save_trained_model(train_dir / MODEL_DIR, network, spec,
                                            test.paths[0] if len(test.paths) else None)
             tracker.log_trained_model(model_dir, {**metrics, "val/best_top1": state.best_top1})
             result["model_dir"] = str(model_dir)
-        result.update(cost, task="train", run_id=tracker.run_id, val_top1=state.best_top1,
-                      epochs=int(cfg.trainer.epochs), seconds=round(time.time() - started, 1))
+        result.update(cost, task="train", run_id=tracker.run_id, val_top1=state.best_top1, best_epoch=state.best_epoch,
+                      epochs=int(cfg.trainer.epochs), seconds=round(time.time() - started, 1), run_dir=str(train_dir))
         _leave_result(result, train_dir, dist)
     # The tracker delivered what it could on leaving: the LoggedModel's ids, once the store has it.
     result.update(delivered_model(train_dir))
@@ -145,6 +208,6 @@ def task_test(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
                                                scorer=inference_network(network))
         tracker.log_metrics(metrics, None)
         result.update(cost, task="test", run_id=tracker.run_id, val_top1=None, epochs=0,
-                      seconds=round(time.time() - started, 1))
+                      seconds=round(time.time() - started, 1), run_dir=str(run_dir))
         _leave_result(result, run_dir, dist)
     return result
