@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Optional
 
 DEFAULT_ONEDNN_ISA = "AVX2"
-MLFLOW_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+MLFLOW_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+                      # A job that saves or loads an MLflow model would otherwise draw tqdm bars into a plain log.
+                      "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 ADOPTED_RUN_ENV = "X3D_EXP_MLFLOW_SPOOL"
 
 

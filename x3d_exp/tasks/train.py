@@ -32,6 +32,8 @@ from x3d_exp.tracking.runs import view_command
 from x3d_exp.weights import load_pretrained
 
 log = logging.getLogger("x3d_exp.train")
+# How long the start line waits for the store to create the run, so that it can give the run's link.
+START_LINK_WAIT_S = 10
 
 
 def _loaders(cfg: DictConfig, spec, run_dir: Path, splits, dist: Dist = SINGLE, skip_batches: int = 0):
@@ -76,7 +78,11 @@ def _announce(cfg: DictConfig, network, device: str, run_dir: Path, tracker: Tra
     is free."""
     sizes = input_sizes(cfg, network.spec)
     estimate = estimate_memory(network, train_clip(sizes), int(cfg.data.batch_size), str(cfg.optim.name))
-    link = run_link(cfg, tracker.run_id) or "MLflow off"
+    if tracker.sender is not None:
+        # The sender creates the run in the background: a store that answers has it in well under a second.
+        tracker.sender.drain(START_LINK_WAIT_S)
+    link = run_link(cfg, tracker.run_id) or ("MLflow off" if not tracker.active else
+                                             f"MLflow run pending in {cfg.mlflow.tracking_uri} (docs/tracking.md)")
     if dist.is_main:
         print(f"run dir {run_dir}; view: {link}; memory per process {estimate.describe()}", flush=True)
     warning = memory_warning(estimate, available_memory(device))
