@@ -62,10 +62,11 @@ def run_chromium(args, timeout: float = 90) -> subprocess.CompletedProcess:
 
 
 def page_url(printed: str) -> str:
-    """The address in a job's `view ...` line, which names MLflow's default port."""
-    found = re.search(r"http://127\.0\.0\.1:5000(/\S+)", printed)
+    """The address in a job's last `view ...` line (a job's end line; a sweep's, after its jobs' own lines), which
+    names MLflow's default port; a `;` after it ends the address."""
+    found = re.findall(r"http://127\.0\.0\.1:5000(/[^\s;]+)", printed)
     assert found, printed[-2000:]
-    return found.group(1)
+    return found[-1]
 
 
 def test_the_sweep_opens_in_the_model_training_view_and_its_children_compare_by_factor(expansion, tmp_path):

@@ -201,8 +201,15 @@ def train(work: Path, cache: Path, url: str, *extra: str) -> subprocess.Popen:
 
 
 def spooled_steps(run_dir: Path, key="train/loss") -> list:
-    return [(m[3], m[1], r.time) for r in Spool.in_dir(run_dir).read()[0] if r.op == "log_metrics"
-            for m in r.args["metrics"] if m[0] == key]
+    """(step, value, record time) of each value of `key` the job spooled: step metrics, and the test and val metrics
+    that the trained model's record links to it (step 0)."""
+    steps = []
+    for r in Spool.in_dir(run_dir).read()[0]:
+        if r.op == "log_metrics":
+            steps += [(m[3], m[1], r.time) for m in r.args["metrics"] if m[0] == key]
+        elif r.op == "log_trained_model" and key in r.args["metrics"]:
+            steps.append((0, r.args["metrics"][key], r.time))
+    return steps
 
 
 def wait_for_steps(proc, run_dir: Path, count: int, timeout: float = 600):

@@ -151,7 +151,9 @@ def task_infer(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
             label_source = None
 
     device = setup_context(cfg)
-    network = build_network(OmegaConf.merge(cfg, {"data": {"num_classes": num_classes}}), device)
+    # An MLflow model carries the model config it was trained with: its network, whatever model= says.
+    network = build_network(OmegaConf.merge(cfg, {"data": {"num_classes": num_classes},
+                                                  "model": described["model"] if described else {}}), device)
     try:
         load_params(network, params)
     except WeightsError as err:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from x3d_exp.config import JobContext, input_sizes, train_clip
 from x3d_exp.engine.checkpoint import trained_clip
@@ -113,6 +113,8 @@ def task_export(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
         params = read_params(weights) if weights else None
         described = model_description(weights) if weights else None
         num_classes = params_num_classes(params) if params else None
+        if described:  # an MLflow model carries the model config it was trained with
+            cfg = OmegaConf.merge(cfg, {"model": described["model"]})
         network = _build(cfg, num_classes or int(cfg.data.num_classes))
         if params is not None:
             load_params(network, params)
