@@ -148,27 +148,23 @@ def _log_onnx(cfg: DictConfig, job: JobContext, path: str, shape: list, class_na
     run)."""
     from mlflow.tracking import MlflowClient
 
-    from x3d_exp.tracking.models import log_trained_model, save_onnx_model, source_run_id
-    from x3d_exp.tracking.runs import create_run, git_commit
+    from x3d_exp.tracking import Tracker
+    from x3d_exp.tracking.models import delivered_model, log_trained_model, save_onnx_model, source_run_id
+    from x3d_exp.tracking.runs import git_commit
 
     model_dir = save_onnx_model(Path(os.path.splitext(path)[0] + "_mlflow"), path, shape, class_names)
     client = MlflowClient(cfg.mlflow.tracking_uri)
     run_id = source_run_id(client, ckpt, weights) if ckpt else None
-    new_run = run_id is None
-    if new_run:
-        run_id = create_run(client, cfg, job.output_dir, job)
     tags = {"model": str(cfg.model.name), "data": str(cfg.data.name), "format": "ONNX"}
     commit = git_commit()
     if commit:
         tags["git_commit"] = commit
-    try:
-        logged = log_trained_model(client, run_id, model_dir=str(model_dir), name=f"{cfg.model.name}-onnx",
-                                   metrics={}, registered_model=None, tags=tags)
-    except BaseException as err:
-        if new_run:
-            client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
-            client.set_terminated(run_id, "FAILED")
-        raise
-    if new_run:
-        client.set_terminated(run_id, "FINISHED")
+    model = dict(model_dir=str(model_dir), name=f"{cfg.model.name}-onnx", metrics={}, registered_model=None, tags=tags)
+    if run_id is not None:
+        logged = log_trained_model(client, run_id, **model)
+    else:
+        # A run of its own, recorded like a job's (through the spool: FAILED or KILLED if the export dies).
+        with Tracker(cfg, job.output_dir, job) as tracker:
+            tracker.record("log_trained_model", **model)
+        run_id, logged = tracker.run_id, delivered_model(model_dir.parent)
     return {"mlflow_model_dir": str(model_dir), "run_id": run_id, **logged}
