@@ -3,6 +3,7 @@ count. Also the pieces in process: the mid-epoch skip of the loader's sampler an
 
 from __future__ import annotations
 
+import re
 import shlex
 import signal
 import subprocess
@@ -27,24 +28,26 @@ def _start(tmp_path: Path, cache: Path, *extra: str) -> subprocess.Popen:
 
 
 def _wait_for_steps(tmp_path: Path, proc: subprocess.Popen, steps: int) -> None:
-    """Until the run has logged `steps` training steps to MLflow (trainer.log_every=1)."""
-    uri = store_uri(tmp_path)
+    """Until the job has logged `steps` training steps (trainer.log_every=1): read from its MLflow spool, which the
+    training thread writes before it goes on (the store gets them later, from the background sender)."""
+    from x3d_exp.tracking.spool import Spool
+
     deadline = time.time() + 600
     while time.time() < deadline:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        try:
-            (run,) = runs_of(uri)
-            if len(metric_steps(uri, run.info.run_id, "train/loss")) >= steps:
-                return
-        except (AssertionError, ValueError, Exception):  # noqa: BLE001 - the store or run is not there yet
-            pass
-        time.sleep(0.5)
+        records = Spool.in_dir(tmp_path / "run").read()[0] if (tmp_path / "run").is_dir() else []
+        logged = {m[3] for r in records if r.op == "log_metrics" for m in r.args["metrics"] if m[0] == "train/loss"}
+        if len(logged) >= steps:
+            return
+        time.sleep(0.05)
     raise AssertionError("the run did not log its steps in time")
 
 
 def _message(stderr: str) -> list:
-    """stderr without MindSpore's own C++ log lines ([WARNING] ...)."""
-    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("[")]
+    """stderr without MindSpore's own C++ log lines ([WARNING] ...) and MLflow's (2026/12/07 04:02:27 INFO ..., such
+    as its creating a new store's tables at the start)."""
+    return [line for line in stderr.splitlines()
+            if line.strip() and not line.startswith("[") and not re.match(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ", line)]
 
 
 @pytest.mark.slow
@@ -58,7 +61,10 @@ def test_a_signal_stops_at_a_step_and_the_printed_command_resumes_to_the_full_st
     assert proc.returncode == status, stderr[-3000:]
     lines = _message(stderr)
     assert "Traceback" not in stderr and len(lines) <= 3, lines
-    assert any(f"stopped by {sig.name} at epoch 2 of {EPOCHS}" in line for line in lines), lines
+    # Mid-run, at a step boundary (the signal is sent after step STEPS_PER_EPOCH + 2; a loaded machine may have gone
+    # a few steps further before the job sees it).
+    assert any(re.search(rf"stopped by {sig.name} at (epoch \d of {EPOCHS}, step \d+ of {STEPS_PER_EPOCH}|the end of "
+                         rf"epoch \d)", line) for line in lines), lines
     uri = store_uri(tmp_path)
     (run,) = runs_of(uri)
     assert run.info.status == "KILLED" and run.data.tags["error"] == f"stopped by {sig.name}"
