@@ -343,7 +343,11 @@ def test_a_job_the_launcher_loses_fails_alone_and_the_batch_keeps_its_finished_j
         # Job 2 is gamma_s, the last of step 1's batch: submitit's launch() waits for job 1, then raises for it.
         while killed is None and search.poll() is None and time.time() < deadline:
             time.sleep(0.2)
+            # Killed once Hydra has saved the job's overrides (it opens the job's log file a moment before), as
+            # the OOM killer would kill a job that had started.
             for job_dir in tmp_path.glob("multirun/progressive/*/2"):
+                if not (job_dir / ".hydra" / "overrides.yaml").is_file():
+                    continue
                 killed = _process_with_open_file_under(job_dir)
                 if killed:
                     os.kill(killed, signal.SIGKILL)

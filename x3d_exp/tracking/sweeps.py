@@ -208,10 +208,12 @@ def lost_jobs(sweep_dir: Path, known_jobs, since: float) -> List[dict]:
         if folder.name.isdigit() and folder.is_dir() and int(folder.name) not in known_jobs \
                 and folder.stat().st_mtime >= since:
             overrides = folder / ".hydra" / "overrides.yaml"
-            given = OmegaConf.load(overrides) if overrides.is_file() else []
+            # Hydra opens the job's log file a moment before it saves the overrides: a job killed in between
+            # leaves none.
+            given = " ".join(str(o) for o in OmegaConf.load(overrides)) if overrides.is_file() else \
+                "(unknown: the job died before Hydra saved its overrides)"
             rows.append({"job": int(folder.name), "status": "FAILED",
-                         "error": "the job ended before it opened its MLflow run (killed?)",
-                         "overrides": " ".join(str(o) for o in given)})
+                         "error": "the job ended before it opened its MLflow run (killed?)", "overrides": given})
     return rows
 
 
