@@ -432,14 +432,15 @@ def test_a_failure_inside_the_dataset_pipeline_is_one_line_naming_the_file():
                                             ("ssv2", "174"), ("folder", "2")])
 def test_each_real_data_group_runs_through_the_cli_with_its_own_defaults(group, classes, tmp_path, cache):
     """data=<group> as a user runs it: the group's batch (8), workers (auto), class count and 10x3 test views, and
-    the model's own clip (X3D-XS, 4 x 160 px); only the epochs are cut. A 4-core default once crashed 2-core
+    the model's own clip (X3D-XS, 4 x 160 px); only the epochs and the model's depth (tests.cli_helpers.SHALLOW: the
+    data groups do not set it, and the graph compiles in half the time) are cut. A 4-core default once crashed 2-core
     machines in build_loader (num_parallel_workers out of bounds). Kinetics-400 is read from its official csvs
     with all 400 labels (one training epoch is 50 steps), so the class ids are the published names in sorted
     order; its copy has train and val csvs only, as most downloads do, so the test runs on val with one warning."""
-    from tests.cli_helpers import final_json, run_cli, runs_of, store_uri
+    from tests.cli_helpers import SHALLOW, final_json, run_cli, runs_of, store_uri
 
     tiny_copy(group, tmp_path / group, int(classes))
-    done = run_cli([f"data={group}", f"data.root={tmp_path / group}", "trainer.epochs=1",
+    done = run_cli([f"data={group}", f"data.root={tmp_path / group}", "trainer.epochs=1", *SHALLOW,
                     f"hydra.run.dir={tmp_path / 'run'}", f"mlflow.tracking_uri={store_uri(tmp_path)}"],
                    cwd=tmp_path, cache=cache, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]

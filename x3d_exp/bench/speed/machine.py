@@ -54,7 +54,7 @@ def versions() -> dict:
     from importlib import metadata
 
     out = {}
-    for name in ("mindspore", "torch", "pytorchvideo", "numpy"):
+    for name in ("mindspore", "torch", "pytorchvideo", "onnxruntime", "openvino", "numpy"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -69,6 +69,26 @@ class MindSporeRunner(StepRunner):
         shape = [batch, 3, spec.num_frames, spec.crop_size, spec.crop_size]
         return {"params": params, "conv_impl": self.conv_impl, "fused": self.fuse and not train, "input": shape}
 
+    def output(self):
+        return self.step()
+
+    def export_onnx(self, case: str, folder: str) -> str:
+        """The current variant's network, with these weights, as ONNX for the case's batch (the file the
+        ONNX runtimes time); exported from a native-conv copy, as task=export does."""
+        from mindspore import load_param_into_net
+
+        from x3d_exp.models import build_model
+        from x3d_exp.weights.export import export_model
+
+        batch, _ = CASES[case]
+        spec = self.net.spec
+        native = build_model(MODEL_NAMES[self.variant], num_classes=NUM_CLASSES, conv_impl="native")
+        missing, _ = load_param_into_net(native, self.net.parameters_dict(), strict_load=True)
+        if missing:
+            raise RuntimeError(f"the native-conv copy lacks weights for {missing[:3]}")
+        path = f"{folder}/{self.variant}_{case}.onnx"
+        return export_model(native, [batch, 3, spec.num_frames, spec.crop_size, spec.crop_size], path, "ONNX")
+
     def profile(self, steps: int = 2) -> dict:
         """Op time per step by op type and direction, from MindSpore's profiler on the current case."""
         return {**profile_steps(self.step, steps), "layers": self._channelwise_layers()}

@@ -14,15 +14,22 @@ def machine_line(result: dict) -> str:
             f"env: {env}; load average {result['load_before'][0]:.2f}")
 
 
+TITLES = {"mindspore": "ours", "pytorch": "PyTorch", "onnxruntime": "ONNX Runtime", "openvino_f32": "OpenVINO f32",
+          "openvino": "OpenVINO default"}
+
+
 def row_line(row: dict) -> str:
-    ms = row["ms"]
-    peak = row["peak_mb"]
-    text = (f"{row['variant']:>3} {CASE_TITLES[row['case']]:<20} ours {ms['mindspore']:8.1f} ms "
-            f"({_mb(peak.get('mindspore'))})")
-    if "pytorch" in ms:
+    ms, peak = row["ms"], row["peak_mb"]
+    text = f"{row['variant']:>3} {CASE_TITLES[row['case']]:<20}"
+    for kind in ms:
+        text += f" | {TITLES[kind]} {ms[kind]:8.1f} ms ({_mb(peak.get(kind))})"
+        if kind == "openvino":
+            text += f" [{row['info'][kind]['precision']}]"
+    if "ratio" in row:
         verdict = "ok" if row["ratio"] <= TARGETS[row["case"]] else "MISS"
-        text += (f" | pytorch {ms['pytorch']:8.1f} ms ({_mb(peak.get('pytorch'))}) | ratio {row['ratio']:.2f} "
-                 f"(target <= {TARGETS[row['case']]}: {verdict})")
+        text += f" | ours / PyTorch {row['ratio']:.2f} (target <= {TARGETS[row['case']]}: {verdict})"
+    if row.get("max_diff"):
+        text += " | max logit diff from ours " + ", ".join(f"{TITLES[k]} {v:.1e}" for k, v in row["max_diff"].items())
     return text
 
 
@@ -33,18 +40,27 @@ def _mb(value) -> str:
 
 
 def format_report(result: dict) -> str:
+    kinds = result["kinds"]
+    torch = "pytorch" in kinds
     lines = [machine_line(result), "",
-             "| variant | case | ours ms | PyTorch ms | ours / PyTorch | target | ours peak MB (in case) "
-             "| PyTorch peak MB (in case) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| variant | case | " + " | ".join(f"{TITLES[k]} ms" for k in kinds)
+             + (" | ours / PyTorch | target" if torch else "") + " | "
+             + " | ".join(f"{TITLES[k]} peak MB (in case)" for k in kinds) + " |",
+             "|---|---|" + "---:|" * (2 * len(kinds) + (2 if torch else 0))]
     for row in result["rows"]:
         ms, peak = row["ms"], row["peak_mb"]
-        torch_ms = f"{ms['pytorch']:.1f}" if "pytorch" in ms else "-"
-        ratio = f"{row['ratio']:.2f}" if "ratio" in row else "-"
-        lines.append(f"| {row['variant'].upper()} | {CASE_TITLES[row['case']]} | {ms['mindspore']:.1f} | {torch_ms} | "
-                     f"{ratio} | <= {TARGETS[row['case']]} | {_num(peak.get('mindspore'))} | "
-                     f"{_num(peak.get('pytorch'))} |")
+        cells = [f"{ms[k]:.1f}" if k in ms else "-" for k in kinds]
+        if torch:
+            cells += [f"{row['ratio']:.2f}" if "ratio" in row else "-", f"<= {TARGETS[row['case']]}"]
+        cells += [_num(peak.get(k)) for k in kinds]
+        lines.append(f"| {row['variant'].upper()} | {CASE_TITLES[row['case']]} | " + " | ".join(cells) + " |")
     lines.append("")
+    for row in result["rows"]:
+        if row.get("max_diff"):
+            precision = row["info"].get("openvino", {}).get("precision")
+            lines.append(f"{row['variant'].upper()} {CASE_TITLES[row['case']]}: largest logit difference from ours on "
+                         "the same input: " + ", ".join(f"{TITLES[k]} {v:.1e}" for k, v in row["max_diff"].items())
+                         + (f"; OpenVINO's default precision here: {precision}" if precision else ""))
     lines.append(f"load average before {result['load_before'][0]:.2f}, after {result['load_after'][0]:.2f}; "
                  f"copy bandwidth (read+write) {result['copy_bandwidth_gbs']} GB/s by threads")
     for variant, cases in result["profiles"].items():

@@ -3,9 +3,22 @@ time. The runners are imported in the worker, so the driver loads neither framew
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing as mp
 import os
 import traceback
+
+
+# kind -> (module, class, constructor options): the runners are imported in their worker only.
+RUNNERS = {
+    "mindspore": ("x3d_exp.bench.speed.mindspore_runner", "MindSporeRunner", {}),
+    "pytorch": ("x3d_exp.bench.speed.torch_runner", "TorchRunner", {}),
+    "onnxruntime": ("x3d_exp.bench.speed.onnx_runners", "OnnxRuntimeRunner", {}),
+    "openvino_f32": ("x3d_exp.bench.speed.onnx_runners", "OpenVinoRunner", {"precision": "f32"}),
+    "openvino": ("x3d_exp.bench.speed.onnx_runners", "OpenVinoRunner", {}),
+}
+# The runners that time our ONNX export rather than a network of their own.
+ONNX_KINDS = ("onnxruntime", "openvino_f32", "openvino")
 
 
 def _worker(kind: str, options: dict, conn) -> None:
@@ -14,11 +27,8 @@ def _worker(kind: str, options: dict, conn) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     try:
-        if kind == "mindspore":
-            from x3d_exp.bench.speed.mindspore_runner import MindSporeRunner
-        else:
-            from x3d_exp.bench.speed.torch_runner import TorchRunner
-        runner = (MindSporeRunner(options["kernels"], options["fuse"]) if kind == "mindspore" else TorchRunner())
+        module, name, defaults = RUNNERS[kind]
+        runner = getattr(importlib.import_module(module), name)(**defaults, **options)
         conn.send(("ok", None))
     except Exception:
         conn.send(("error", traceback.format_exc()))
