@@ -81,6 +81,7 @@ def _time_case(ours: Worker, others: List[Worker], variant: str, case: str, repe
     if onnx:
         # The runtimes must compute what ours does: the largest logit difference on the same input.
         expected = np.asarray(ours.call("output"))
+        row["logit_scale"] = float(np.abs(expected).max())  # randomly initialised: small logits
         row["max_diff"] = {w.kind: float(np.abs(np.asarray(w.call("output")) - expected).max())
                            for w in active if w.kind in ONNX_KINDS}
     return row
