@@ -418,6 +418,25 @@ def test_export_onnx_round_trip(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_runtime_benchmark_times_our_onnx_export_on_onnx_runtime_and_openvino_computing_what_ours_does():
+    """`python -m x3d_exp.bench.speed --against ...` (one step each): ONNX Runtime and OpenVINO run the export of the
+    very weights ours runs, so their logits must be ours (bf16 within its precision)."""
+    from x3d_exp.bench.speed.driver import run
+
+    result = run(["xs"], ["fwd1"], 1, ["onnxruntime", "openvino_f32", "openvino"], "auto", profile=False,
+                 log=lambda line: None)
+    (row,) = result["rows"]
+    assert set(row["ms"]) == {"mindspore", "onnxruntime", "openvino_f32", "openvino"}
+    assert all(ms > 0 for ms in row["ms"].values())
+    scale = row["logit_scale"]
+    assert scale > 0
+    assert row["max_diff"]["onnxruntime"] <= 1e-4 * scale and row["max_diff"]["openvino_f32"] <= 1e-4 * scale
+    assert row["max_diff"]["openvino"] <= 2e-2 * scale
+    assert row["info"]["openvino_f32"]["precision"] == "f32" and row["info"]["openvino"]["precision"] in ("bf16",
+                                                                                                         "f32")
+
+
+@pytest.mark.slow
 def test_task_export_from_converted_checkpoint(tmp_path):
     """task=export loads `ckpt`, takes its class count, exports and checks the file."""
     import mindspore as ms
