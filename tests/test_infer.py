@@ -12,6 +12,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
+from tests.cli_helpers import store_uri
 from tests.data_helpers.layouts import data_cfg
 from x3d_exp.data import ensure_synthetic, load_video_views
 from x3d_exp.data.synthetic import CLASSES, render
@@ -65,7 +66,7 @@ def assets(tmp_path_factory):
 
 def run_infer(root: Path, run_name: str, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "run.py", "task=infer", f"ckpt={root / 'x3d_xs_4.ckpt'}", *CLI_SIZES,
-           f"hydra.run.dir={root / run_name}", f"mlflow.tracking_uri=sqlite:///{root / run_name / 'mlflow.db'}",
+           f"hydra.run.dir={root / run_name}", f"mlflow.tracking_uri={store_uri(root / run_name)}",
            *overrides]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
