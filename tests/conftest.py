@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.cli_helpers import SHALLOW, TINY, compose_config, final_json, multirun, run_cli, store_uri  # noqa: E402
+from tests.cli_helpers import (SHALLOW, TINY, compose_config, final_json, mlflow_server, multirun, run_cli,  # noqa: E402
+                               store_uri)
 
 
 # The registered model of the `trained` run.
@@ -45,6 +46,15 @@ def trained(tmp_path_factory, cache):
                    cwd=work, cache=cache)
     assert done.returncode == 0, done.stderr[-3000:]
     return work, final_json(done.stdout), done
+
+
+@pytest.fixture(scope="session")
+def trained_server(trained, tmp_path_factory):
+    """A real `mlflow server` over the `trained` run's store, for the tests that read it through a server (one
+    start, about 10 s, instead of one per test); yields its base URL."""
+    work, _, _ = trained
+    with mlflow_server(store_uri(work), tmp_path_factory.mktemp("trained_server")) as base:
+        yield base
 
 
 @pytest.fixture(scope="session")

@@ -97,12 +97,11 @@ def test_the_sweep_opens_in_the_model_training_view_and_its_children_compare_by_
     assert ">test/top1<" in compare
 
 
-def test_the_run_page_a_training_job_prints_shows_the_run_and_its_datasets(trained, tmp_path):
+def test_the_run_page_a_training_job_prints_shows_the_run_and_its_datasets(trained, trained_server):
     work, result, done = trained
-    with mlflow_server(store_uri(work), tmp_path) as base:
-        printed = page_url(done.stdout)
-        assert result["run_id"] in printed
-        page = render(base + printed, SCREENSHOTS / "train_run.png")
+    printed = page_url(done.stdout)
+    assert result["run_id"] in printed
+    page = render(trained_server + printed, SCREENSHOTS / "train_run.png")
     assert "x3d_xs synthetic seed0" in page
     assert "Model registry" in page and "Judges" not in page, "not the model-training view"
     # The Datasets section: the training split by name and digest (the other two fold into a "+2").
@@ -111,15 +110,16 @@ def test_the_run_page_a_training_job_prints_shows_the_run_and_its_datasets(train
     assert f"synthetic ({train.digest})" in page
 
 
-def test_the_models_tab_compares_the_logged_model_by_test_top1_and_the_registry_shows_its_version(trained, tmp_path):
+def test_the_models_tab_compares_the_logged_model_by_test_top1_and_the_registry_shows_its_version(trained,
+                                                                                                  trained_server):
     work, result, _ = trained
     client = MlflowClient(store_uri(work))
     experiment = client.get_run(result["run_id"]).info.experiment_id
-    with mlflow_server(store_uri(work), tmp_path) as base:
-        # Wide: the metric columns come after the model's attributes.
-        models = render(f"{base}/#/experiments/{experiment}/models?workflowType=machine_learning",
-                        SCREENSHOTS / "models_tab.png", window="2800,900")
-        registered = render(f"{base}/#/models/{REGISTERED_MODEL}/versions/1", SCREENSHOTS / "registered_version.png")
+    # Wide: the metric columns come after the model's attributes.
+    models = render(f"{trained_server}/#/experiments/{experiment}/models?workflowType=machine_learning",
+                    SCREENSHOTS / "models_tab.png", window="2800,900")
+    registered = render(f"{trained_server}/#/models/{REGISTERED_MODEL}/versions/1",
+                        SCREENSHOTS / "registered_version.png")
     # The Models tab lists the run's model, logged from the run, with its linked metrics as columns.
     cells = [c.strip() for c in re.sub(r"<[^>]+>", "\n", models).splitlines() if c.strip()]
     assert {"x3d_xs", "x3d_xs synthetic seed0", "test/top1", "val/best_top1"} <= set(cells), cells[-200:]

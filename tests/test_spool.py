@@ -17,12 +17,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.cli_helpers import (REPO, SHALLOW, TINY, MlflowServer, cli_env, compose_config, final_json, free_port,
-                               run_cli, running, runs_of, store_uri)
+                               metric_steps, run_cli, running, runs_of, store_uri)
 from x3d_exp.config import JobContext
 from x3d_exp.errors import Interrupted
 from x3d_exp.tracking import Tracker
 from x3d_exp.tracking.delivery import Delivery, sync
-from x3d_exp.tracking.runs import spool_run
+from x3d_exp.tracking.runs import close_orphaned_runs, spool_run
 from x3d_exp.tracking.spool import OPS, Spool, register_op
 
 
@@ -296,12 +296,23 @@ def test_a_server_that_never_returns_costs_one_warning_and_sync_to_a_new_server_
 
 
 @pytest.mark.slow
-def test_a_job_killed_during_an_outage_is_delivered_by_its_resume(tmp_path, cache):
+def test_a_job_killed_during_an_outage_is_closed_killed_and_its_resume_finishes_the_run_with_every_step_once(
+        tmp_path, cache):
+    """kill -9 mid-run while the server is down. The store holds the run as the sender left it, RUNNING, with the
+    dead process as its owner; the next run opened in the experiment closes it KILLED. `resume=auto` then finishes
+    the planned epochs in the same run: the steps the killed job spooled but never delivered arrive, those it
+    logged past its last checkpoint are replayed but not logged twice, one value per step, no gap."""
     work = tmp_path
     uri = store_uri(work)
+    client = MlflowClient(uri)
     with running(MlflowServer(uri, work)) as srv:
-        proc = train(work, cache, srv.url, "trainer.epochs=2")
-        wait_for_steps(proc, work / "run", 2)
+        proc = train(work, cache, srv.url, "trainer.epochs=3")
+        # The run and its first steps reach the store before the outage.
+        deadline = time.time() + 600
+        while not (client.get_experiment_by_name("x3d-exp") and runs_of(uri)
+                   and client.get_metric_history(runs_of(uri)[0].info.run_id, "train/loss")):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
         srv.stop()
         while not list((work / "run" / "checkpoints").glob("epoch0001.ckpt")):
             assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -310,12 +321,30 @@ def test_a_job_killed_during_an_outage_is_delivered_by_its_resume(tmp_path, cach
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         killed_at = spooled_steps(work / "run")
+        assert not (work / "run" / "checkpoints" / "epoch0003.ckpt").exists(), "the run finished before the kill"
+        (killed,) = runs_of(uri)
+        assert killed.info.status == "RUNNING" and killed.data.tags["owner_pid"] == str(proc.pid)
+        delivered = [m.step for m in client.get_metric_history(killed.info.run_id, "train/loss")]
+        assert len(delivered) < len([s for s, _, _ in killed_at]), "nothing was left undelivered by the outage"
+        assert close_orphaned_runs(client, killed.info.experiment_id) == [killed.info.run_id]
+        (closed,) = runs_of(uri)
+        assert closed.info.status == "KILLED" and f"process {proc.pid}" in closed.data.tags["error"]
         srv.start()
-        resumed = train(work, cache, srv.url, "trainer.epochs=2", "resume=auto")
+        resumed = train(work, cache, srv.url, "trainer.epochs=3", "resume=auto")
         out, err = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, err[-3000:]
+    assert "resumed from" in out
+    result = final_json(out)
+    assert result["epochs"] == 3 and result["run_id"] == killed.info.run_id
     (run,) = runs_of(uri)
     assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
-    got = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "train/loss")]
-    assert got == list(range(1, 9)), got  # 8 steps, each once: the killed job's and the resume's
+    assert "error" not in run.data.tags and run.data.tags["owner_pid"] != str(proc.pid)
+    for key in run.data.metrics:
+        steps = metric_steps(uri, run.info.run_id, key)
+        assert len(steps) == len(set(steps)), f"{key} has two values at one step: {sorted(steps)}"
+    # 16 videos / batch 4 = 4 steps an epoch, 3 epochs: the killed job's and the resume's, each once.
+    assert metric_steps(uri, run.info.run_id, "train/loss") == list(range(1, 13))
+    assert sorted(metric_steps(uri, run.info.run_id, "val/top1")) == [4, 8, 12]
+    history = json.loads((work / "run" / "checkpoints" / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2, 3]
     assert len(killed_at) >= 5

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import TINY, mlflow_server, run_cli, runs_of, store_uri
+from tests.cli_helpers import TINY, run_cli, runs_of, store_uri
 
 
 @pytest.mark.slow
@@ -43,17 +43,15 @@ def test_a_run_that_fails_is_marked_failed(cache, tmp_path):
     assert run.info.status == "FAILED" and "no_such.ckpt" in run.data.tags["error"]
 
 
-def test_mlflow_server_serves_the_run_and_its_test_top1(trained, tmp_path):
+def test_mlflow_server_serves_the_run_and_its_test_top1(trained, trained_server):
     work, result, _ = trained
-    with mlflow_server(store_uri(work), tmp_path) as base:
-        api = f"{base}/api/2.0/mlflow"
-        with urllib.request.urlopen(f"{api}/experiments/get-by-name?experiment_name=x3d-exp", timeout=10) as r:
-            experiment = json.load(r)["experiment"]
-        query = json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode()
-        request = urllib.request.Request(f"{api}/runs/search", data=query,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as r:
-            runs = json.load(r)["runs"]
+    api = f"{trained_server}/api/2.0/mlflow"
+    with urllib.request.urlopen(f"{api}/experiments/get-by-name?experiment_name=x3d-exp", timeout=10) as r:
+        experiment = json.load(r)["experiment"]
+    query = json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode()
+    request = urllib.request.Request(f"{api}/runs/search", data=query, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        runs = json.load(r)["runs"]
     (run,) = [r for r in runs if r["info"]["run_id"] == result["run_id"]]
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     assert run["info"]["status"] == "FINISHED"

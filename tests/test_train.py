@@ -1,18 +1,11 @@
-"""task=train and task=test through the real CLI: what a finished, a tested and a resumed run leave behind."""
+"""task=train and task=test through the real CLI: what a finished and a tested run leave behind (a killed and
+resumed one: tests/test_spool.py, with the tracking server down at the kill)."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 
-from tests.cli_helpers import (REPO, SHALLOW, TINY, artifact_paths, cli_env, final_json, metric_steps, run_cli, runs_of,
-                               store_uri)
+from tests.cli_helpers import SHALLOW, TINY, artifact_paths, final_json, metric_steps, run_cli, runs_of, store_uri
 
 
 def test_train_run_is_finished_with_params_metrics_and_artifacts(trained):
@@ -67,52 +60,3 @@ def test_test_task_on_the_best_checkpoint_reproduces_the_final_test(trained, cac
     (run,) = runs_of(store_uri(tmp_path))
     assert run.info.status == "FINISHED" and run.data.metrics["test/top1"] == pytest.approx(result["test_top1"])
 
-
-def test_resume_after_kill_finishes_the_planned_epochs_in_the_same_run(cache, tmp_path):
-    run_dir = tmp_path / "run"
-    uri = store_uri(tmp_path)
-    args = TINY + SHALLOW + ["trainer.epochs=3", f"hydra.run.dir={run_dir}", f"mlflow.tracking_uri={uri}"]
-    proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=tmp_path, env=cli_env(cache),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    first = run_dir / "checkpoints" / "epoch0001.ckpt"
-    deadline = time.time() + 300
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert first.exists(), proc.stderr.read().decode()[-3000:]
-    assert not (run_dir / "checkpoints" / "epoch0003.ckpt").exists(), "the run finished before it was killed"
-    (killed,) = runs_of(uri)
-    # kill -9 leaves no chance to close it; the next run opened in the experiment sees its process is gone.
-    assert killed.info.status == "RUNNING" and killed.data.tags["owner_pid"] == str(proc.pid)
-    from mlflow.tracking import MlflowClient
-    from x3d_exp.tracking.runs import close_orphaned_runs
-
-    assert close_orphaned_runs(MlflowClient(uri), killed.info.experiment_id) == [killed.info.run_id]
-    (closed,) = runs_of(uri)
-    assert closed.info.status == "KILLED" and f"process {proc.pid}" in closed.data.tags["error"]
-
-    done = run_cli(args + ["resume=auto"], cwd=tmp_path, cache=cache)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed from" in done.stdout
-    result = final_json(done.stdout)
-    assert result["epochs"] == 3 and result["run_id"] == killed.info.run_id
-    (run,) = runs_of(uri)
-    assert run.info.status == "FINISHED" and run.data.tags.get("resumed") == "true"
-    assert "error" not in run.data.tags and run.data.tags["owner_pid"] != str(proc.pid)
-    # The steps the killed process logged past its checkpoint are replayed but not logged twice: one value per
-    # step, no gap, up to the planned end.
-    for key in run.data.metrics:
-        steps = metric_steps(uri, run.info.run_id, key)
-        assert len(steps) == len(set(steps)), f"{key} has two values at one step: {sorted(steps)}"
-    assert sorted(metric_steps(uri, run.info.run_id, "train/loss")) == list(range(1, 13))
-    assert sorted(metric_steps(uri, run.info.run_id, "val/top1")) == [4, 8, 12]
-    history = json.loads((run_dir / "checkpoints" / "history.json").read_text())
-    assert [r["epoch"] for r in history] == [1, 2, 3]
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("epoch*.ckpt")) == ["epoch0002.ckpt",
-                                                                                     "epoch0003.ckpt"]
-    # The optimizer's step counter, which indexes the per-iteration lr, came back from the checkpoint too.
-    import mindspore as ms
-
-    state = ms.load_checkpoint(str(run_dir / "checkpoints" / "epoch0003.ckpt"))
-    assert state["global_step"].asnumpy().item() == 12 and state["epoch"].asnumpy().item() == 3
