@@ -88,7 +88,11 @@ def _ranks(launcher: psutil.Process) -> dict:
     """
     found = {}
     for msrun in launcher.children():
-        for proc in msrun.children():
+        try:
+            below = msrun.children()
+        except psutil.NoSuchProcess:  # a short-lived child of the launcher, gone between the two listings
+            continue
+        for proc in below:
             try:
                 env, cmdline = proc.environ(), proc.cmdline()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
