@@ -13,8 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.cli_helpers import (SHALLOW, TINY, compose_config, final_json, mlflow_server, multirun, run_cli,  # noqa: E402
-                               store_uri)
+from tests.cli_helpers import (SHALLOW, TINY, compose_config, final_json, mlflow_server,  # noqa: E402
+                               multirun, run_cli, store_uri)
 
 
 # The registered model of the `trained` run.

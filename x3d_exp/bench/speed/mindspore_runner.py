@@ -69,9 +69,6 @@ class MindSporeRunner(StepRunner):
         shape = [batch, 3, spec.num_frames, spec.crop_size, spec.crop_size]
         return {"params": params, "conv_impl": self.conv_impl, "fused": self.fuse and not train, "input": shape}
 
-    def output(self):
-        return self.step()
-
     def export_onnx(self, case: str, folder: str) -> str:
         """The current variant's network, with these weights, as ONNX for the case's batch (the file the
         ONNX runtimes time); exported from a native-conv copy, as task=export does."""

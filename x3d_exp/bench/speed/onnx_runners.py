@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 
-from x3d_exp.bench.speed.cases import CASES
 from x3d_exp.bench.speed.runner import StepRunner
 
 # The runtimes get the machine's cores, as MindSpore's pool does by default (2 on the machine the figures are from).
@@ -20,7 +19,8 @@ def bench_input(shape) -> np.ndarray:
 
 
 class OnnxRuntimeRunner(StepRunner):
-    """onnxruntime's CPU execution provider, all graph optimisations, THREADS intra-op threads."""
+    """onnxruntime's CPU execution provider, all graph optimisations, THREADS intra-op threads. Inference cases only
+    (the driver gives them no train step), on the export's own input shape."""
 
     name = "onnxruntime"
 
@@ -30,9 +30,6 @@ class OnnxRuntimeRunner(StepRunner):
         self.ort = onnxruntime
 
     def setup(self, variant: str, case: str, onnx_path: str) -> dict:
-        batch, train = CASES[case]
-        if train:
-            raise ValueError(f"{self.name} infers only: case {case} is a train step")
         options = self.ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = THREADS, 1
         session = self.ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
@@ -41,9 +38,6 @@ class OnnxRuntimeRunner(StepRunner):
         self.step = lambda: session.run(None, {feed.name: x})[0]
         self.warm_up()
         return {"threads": THREADS, "input": list(feed.shape), "version": self.ort.__version__}
-
-    def output(self) -> np.ndarray:
-        return np.asarray(self.step())
 
 
 class OpenVinoRunner(StepRunner):
@@ -63,9 +57,6 @@ class OpenVinoRunner(StepRunner):
         self.name = "openvino" + (f"_{precision}" if precision else "")
 
     def setup(self, variant: str, case: str, onnx_path: str) -> dict:
-        batch, train = CASES[case]
-        if train:
-            raise ValueError(f"{self.name} infers only: case {case} is a train step")
         config = {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY"}
         if self.precision:
             config["INFERENCE_PRECISION_HINT"] = self.precision
@@ -77,6 +68,3 @@ class OpenVinoRunner(StepRunner):
         self.warm_up()
         return {"threads": THREADS, "input": shape, "version": self.ov.__version__,
                 "precision": compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()}
-
-    def output(self) -> np.ndarray:
-        return np.asarray(self.step())

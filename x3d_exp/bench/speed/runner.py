@@ -26,5 +26,11 @@ class StepRunner:
         self.step()
         return time.perf_counter() - start
 
+    def output(self):
+        """The current case's output, as numpy (the runtimes' logits are compared on the same input)."""
+        import numpy as np
+
+        return np.asarray(self.step())
+
     def peak(self) -> dict:
         return peak_mb()

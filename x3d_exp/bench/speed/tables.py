@@ -29,9 +29,13 @@ def row_line(row: dict) -> str:
         verdict = "ok" if row["ratio"] <= TARGETS[row["case"]] else "MISS"
         text += f" | ours / PyTorch {row['ratio']:.2f} (target <= {TARGETS[row['case']]}: {verdict})"
     if row.get("max_diff"):
-        text += (f" | max logit diff from ours (largest |logit| {row['logit_scale']:.1e}) "
-                 + ", ".join(f"{TITLES[k]} {v:.1e}" for k, v in row["max_diff"].items()))
+        text += f" | {_differences(row)}"
     return text
+
+
+def _differences(row: dict) -> str:
+    return (f"largest logit difference from ours on the same input (largest |logit| {row['logit_scale']:.1e}): "
+            + ", ".join(f"{TITLES[k]} {v:.1e}" for k, v in row["max_diff"].items()))
 
 
 def _mb(value) -> str:
@@ -59,8 +63,7 @@ def format_report(result: dict) -> str:
     for row in result["rows"]:
         if row.get("max_diff"):
             precision = row["info"].get("openvino", {}).get("precision")
-            lines.append(f"{row['variant'].upper()} {CASE_TITLES[row['case']]}: largest logit difference from ours on "
-                         f"the same input (largest |logit| {row['logit_scale']:.1e}): " + ", ".join(f"{TITLES[k]} {v:.1e}" for k, v in row["max_diff"].items())
+            lines.append(f"{row['variant'].upper()} {CASE_TITLES[row['case']]}: {_differences(row)}"
                          + (f"; OpenVINO's default precision here: {precision}" if precision else ""))
     lines.append(f"load average before {result['load_before'][0]:.2f}, after {result['load_after'][0]:.2f}; "
                  f"copy bandwidth (read+write) {result['copy_bandwidth_gbs']} GB/s by threads")
