@@ -62,8 +62,8 @@ def final_json(stdout: str) -> dict:
 
 def store_uri(directory: Path) -> str:
     """A private sqlite store in `directory`. A new one starts as a copy of an empty store that MLflow created
-    (schema migrations and all) once per test process: MLflow takes 3-8 s to migrate a new file, and the suite
-    makes about a hundred."""
+    (schema migrations and all) once per test process: MLflow takes 1.5-8 s to migrate a new file, and the suite
+    makes dozens."""
     db = Path(directory) / "mlflow.db"
     if not db.exists():
         Path(directory).mkdir(parents=True, exist_ok=True)

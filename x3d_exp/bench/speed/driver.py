@@ -113,11 +113,9 @@ def main(argv=None) -> int:
     against = [k.strip().lower() for k in args.against.split(",") if k.strip() and k.strip().lower() != "none"]
     if any(k not in RUNNERS or k == "mindspore" for k in against):
         parser.error(f"--against {args.against}: choose from {', '.join(k for k in RUNNERS if k != 'mindspore')}")
-    needs = {"pytorch": ("torch", "pytorchvideo"), "onnxruntime": ("onnx", "onnxruntime"),
-             "openvino": ("onnx", "openvino"), "openvino_f32": ("onnx", "openvino")}
     from importlib.util import find_spec
 
-    lacking = sorted({m for k in against for m in needs[k] if find_spec(m) is None})
+    lacking = sorted({m for k in against for m in RUNNERS[k][3] if find_spec(m) is None})
     if lacking:
         parser.error(f"--against {args.against} needs {', '.join(lacking)}: pip install -e \".[bench,onnx]\"")
     result = run(variants, cases, args.repeats, against, args.kernels, not args.no_profile, fuse=not args.no_fuse)

@@ -9,13 +9,14 @@ import os
 import traceback
 
 
-# kind -> (module, class, constructor options): the runners are imported in their worker only.
+# kind -> (module, class, constructor options, the packages it needs): the runners are imported in their worker only.
 RUNNERS = {
-    "mindspore": ("x3d_exp.bench.speed.mindspore_runner", "MindSporeRunner", {}),
-    "pytorch": ("x3d_exp.bench.speed.torch_runner", "TorchRunner", {}),
-    "onnxruntime": ("x3d_exp.bench.speed.onnx_runners", "OnnxRuntimeRunner", {}),
-    "openvino_f32": ("x3d_exp.bench.speed.onnx_runners", "OpenVinoRunner", {"precision": "f32"}),
-    "openvino": ("x3d_exp.bench.speed.onnx_runners", "OpenVinoRunner", {}),
+    "mindspore": ("x3d_exp.bench.speed.mindspore_runner", "MindSporeRunner", {}, ("mindspore",)),
+    "pytorch": ("x3d_exp.bench.speed.torch_runner", "TorchRunner", {}, ("torch", "pytorchvideo")),
+    "onnxruntime": ("x3d_exp.bench.speed.onnx_runners", "OnnxRuntimeRunner", {}, ("onnx", "onnxruntime")),
+    "openvino_f32": ("x3d_exp.bench.speed.onnx_runners", "OpenVinoRunner", {"precision": "f32"},
+                     ("onnx", "openvino")),
+    "openvino": ("x3d_exp.bench.speed.onnx_runners", "OpenVinoRunner", {}, ("onnx", "openvino")),
 }
 # The runners that time our ONNX export rather than a network of their own.
 ONNX_KINDS = ("onnxruntime", "openvino_f32", "openvino")
@@ -27,7 +28,7 @@ def _worker(kind: str, options: dict, conn) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     try:
-        module, name, defaults = RUNNERS[kind]
+        module, name, defaults, _ = RUNNERS[kind]
         runner = getattr(importlib.import_module(module), name)(**defaults, **options)
         conn.send(("ok", None))
     except Exception:
