@@ -20,8 +20,8 @@ from x3d_exp.data import build_loader
 from x3d_exp.engine.build import build_network, build_optimizer, setup_context, training_model
 from x3d_exp.engine.callbacks import (HISTORY_FILE, BadVideoCount, BatchNormStatistics, Checkpointing, StepLogger,
                                       TrainState, Validation, train_callbacks)
-from x3d_exp.engine.checkpoint import (BEST_CKPT, epoch_checkpoints, restore_training_state, save_checkpoint_atomic,
-                                       write_atomic)
+from x3d_exp.engine.checkpoint import (BEST_CKPT, checkpoint_bytes, epoch_checkpoints, restore_training_state,
+                                       save_checkpoint_atomic, write_atomic)
 from x3d_exp.errors import WeightsError
 
 EPOCHS = 3
@@ -188,7 +188,7 @@ def test_a_tiny_x3d_training_state_saves_atomically_and_restores_whole(data_root
 
     cfg = tiny_cfg(data_root)
     ms.set_seed(0)
-    _, saved_cell = x3d_training_cell(cfg)
+    network, saved_cell = x3d_training_cell(cfg)
     rng = np.random.default_rng(0)
     for param in saved_cell.get_parameters():  # every value unlike a fresh cell's: noise, and the step counter 7
         dtype = ms.dtype_to_nptype(param.dtype)
@@ -197,6 +197,8 @@ def test_a_tiny_x3d_training_state_saves_atomically_and_restores_whole(data_root
     path = save_checkpoint_atomic(saved_cell, tmp_path / "checkpoints" / "epoch0002.ckpt",
                                   {"epoch": 2, "step": 4, "best_top1": 0.5})
     assert sorted(p.name for p in path.parent.iterdir()) == ["epoch0002.ckpt"]
+    # The size the run's start line plans the disk with (x3d_exp.engine.checkpoint.disk_need), within 1 %.
+    assert checkpoint_bytes(network) == pytest.approx(path.stat().st_size, rel=0.01)
     ms.set_seed(1)
     _, fresh_cell = x3d_training_cell(cfg)
     meta = restore_training_state(fresh_cell, path)

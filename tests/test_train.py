@@ -3,6 +3,10 @@ resumed one: tests/test_spool.py, with the tracking server down at the kill)."""
 
 from __future__ import annotations
 
+import re
+import shlex
+import subprocess
+
 import pytest
 
 from tests.cli_helpers import SHALLOW, TINY, artifact_paths, final_json, metric_steps, run_cli, runs_of, store_uri
@@ -53,10 +57,55 @@ def test_test_task_on_the_best_checkpoint_reproduces_the_final_test(trained, cac
     work, result, _ = trained
     best = work / "run" / "checkpoints" / "best.ckpt"
     done = run_cli(TINY + SHALLOW + ["task=test", f"ckpt={best}", f"hydra.run.dir={tmp_path / 'run'}",
-                           f"mlflow.tracking_uri={store_uri(tmp_path)}"], cwd=tmp_path, cache=cache)
+                                     f"mlflow.tracking_uri={store_uri(tmp_path)}"], cwd=tmp_path, cache=cache)
     assert done.returncode == 0, done.stderr[-3000:]
     tested = final_json(done.stdout)
     assert tested["task"] == "test" and tested["test_top1"] == pytest.approx(result["test_top1"])
     (run,) = runs_of(store_uri(tmp_path))
     assert run.info.status == "FINISHED" and run.data.metrics["test/top1"] == pytest.approx(result["test_top1"])
 
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 56 MB file system (tmpfs) that fills up: room for two of the tiny run's 22 MB checkpoints, not three.
+    Mounting needs root, as CI and this project's machines have."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=56m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_the_run_with_one_line_the_complete_checkpoints_and_a_resume_command(
+        small_disk, cache, tmp_path):
+    run_dir = small_disk / "run"
+    done = run_cli(TINY + SHALLOW + ["trainer.epochs=2", f"hydra.run.dir={run_dir}",
+                                     f"mlflow.tracking_uri={store_uri(tmp_path)}"], cwd=tmp_path, cache=cache)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    # Foreseen at the start: the run's checkpoints need more than the disk has.
+    assert re.search(r"the checkpoints of this run need up to \d+ MB, but the disk of .* has \d+ MB free", done.stdout)
+    errors = [line for line in done.stderr.splitlines() if line.startswith(("error:", "resume with:"))]
+    assert len(errors) == 2, done.stderr[-3000:]
+    assert re.match(r"error: no space left on the disk of .*/checkpoints to write (best|epoch0002)\.ckpt "
+                    r"\(22 MB needed, \d+ MB free\): free space there or lower trainer.keep_last", errors[0]), errors[0]
+    assert errors[1].endswith(f"resume=auto hydra.run.dir={run_dir}"), errors[1]
+    # No half-written file is left, and the checkpoint written before is whole.
+    ckpt_dir = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best.ckpt", "epoch0001.ckpt", "history.json"]
+    import mindspore as ms
+
+    assert int(ms.load_checkpoint(str(ckpt_dir / "epoch0001.ckpt"))["epoch"].asnumpy()) == 1
+    (run,) = runs_of(store_uri(tmp_path))
+    assert run.info.status == "FAILED" and "no space left" in run.data.tags["error"]
+    # Epoch 2 was validated before its checkpoint found the disk full.
+    assert metric_steps(store_uri(tmp_path), run.info.run_id, "val/top1") == [4, 8]
+    # With room again, the printed command finishes the run from epoch 1, with one value per step.
+    subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)
+    resumed = run_cli(shlex.split(errors[1].removeprefix("resume with: "))[2:], cwd=tmp_path, cache=cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at epoch 1," in resumed.stdout
+    (run,) = runs_of(store_uri(tmp_path))
+    assert run.info.status == "FINISHED" and "test/top1" in run.data.metrics
+    assert metric_steps(store_uri(tmp_path), run.info.run_id, "train/loss") == list(range(1, 9))
+    assert metric_steps(store_uri(tmp_path), run.info.run_id, "val/top1") == [4, 8]

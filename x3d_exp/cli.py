@@ -21,7 +21,7 @@ from x3d_exp.config import JobContext, validate
 from x3d_exp.data import resolve_num_classes
 from x3d_exp.engine.progress import summary_line
 from x3d_exp.env import adopted_run, under_msrun
-from x3d_exp.errors import Interrupted, UserError
+from x3d_exp.errors import Interrupted, NoSpace, UserError
 from x3d_exp.tasks import DISTRIBUTED_TASKS, task_function
 
 
@@ -103,6 +103,8 @@ def main(cfg: DictConfig):
                 return run_task(cfg, job)
             except UserError as err:
                 print(f"error: {err}", file=sys.stderr)
+                if isinstance(err, NoSpace) and err.run_dir is not None:
+                    print(f"resume with: {resume_command(job, err.run_dir)}", file=sys.stderr)
                 sys.exit(2)
         from x3d_exp.tracking.sweeps import run_job
 

@@ -36,6 +36,15 @@ class LaunchError(UserError):
     """The distributed run failed or timed out; the message names the failing rank's log."""
 
 
+class NoSpace(UserError):
+    """The disk of the run dir is full: a checkpoint or the trained model could not be written. `run_dir` is where
+    the complete checkpoints written before are, for the resume command the CLI prints."""
+
+    def __init__(self, message: str, run_dir=None):
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
 class Interrupted(BaseException):
     """The job was stopped by a signal (SIGINT, SIGTERM, SIGUSR1) at a step boundary, after saving its state."""
 

@@ -200,7 +200,8 @@ def launch(cfg: DictConfig, job: JobContext) -> dict:
     main_node = cfg.launcher.node_rank == 0
     cmd = msrun_command(cfg, job, run_dir)
     timeout = cfg.launcher.timeout or None
-    with Tracker(cfg, out_dir, job, resume=resume_from is not None, active=main_node) as tracker:
+    with Tracker(cfg, out_dir, job, resume=resume_from is not None, active=main_node,
+                 print_link=False) as tracker:
         env = dict(os.environ)
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         if tracker.active:
@@ -213,6 +214,7 @@ def launch(cfg: DictConfig, job: JobContext) -> dict:
         stderr.start()
         # msrun runs in a session of its own, so a Ctrl+C reaches this process only: it goes on to the ranks,
         # which stop together after a step, rank 0 having saved the state; then msrun ends and so does this.
+
         def pass_on(signum: int) -> None:
             stderr.quiet = True
             _signal_ranks(proc, signum)

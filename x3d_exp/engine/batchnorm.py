@@ -40,7 +40,6 @@ def average_batchnorm_statistics(network, dist: Dist) -> None:
         offset += value.size
 
 
-
 def precise_batchnorm_statistics(network: nn.Cell, loader, num_batches: int) -> int:
     """PySlowFast's precise BN: set every BN's running mean and variance to the plain average of the statistics of
     up to `num_batches` training batches under the current weights; returns the number of batches used.

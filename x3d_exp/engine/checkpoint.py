@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -12,7 +15,7 @@ import mindspore as ms
 from mindspore import nn
 from omegaconf import OmegaConf
 
-from x3d_exp.errors import UserError, WeightsError
+from x3d_exp.errors import NoSpace, UserError, WeightsError
 
 EPOCH_CKPT = re.compile(r"^epoch(\d+)\.ckpt$")
 BEST_CKPT = "best.ckpt"
@@ -24,10 +27,39 @@ META_KEYS = ("epoch", "step", "step_in_epoch", "best_top1", "clip_num_frames", "
 INTERRUPT_CKPT = "interrupted.ckpt"
 
 
+# The errors of a full disk (or a full quota).
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def disk_room(path: Path, *leftovers: Path, size: Optional[int] = None):
+    """Writing `path` (`size` bytes, when known): a full disk becomes `NoSpace`, one line naming the file and what is
+    free, after the write's `leftovers` (its temporary files) are removed, which gives the space back for the job to
+    record its end.
+    `NoSpace.run_dir` is the run dir when `path` is in its checkpoints/ folder, which makes the error resumable."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        for leftover in leftovers:
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        in_run = path.parent.name == "checkpoints"
+        needed = f"{size / 1e6:.0f} MB needed, " if size else ""
+        raise NoSpace(f"no space left on the disk of {path.parent} to write {path.name} ({needed}{free / 1e6:.0f} MB "
+                      f"free): free space there{' or lower trainer.keep_last' if in_run else ''}; the files "
+                      f"written before are complete", run_dir=path.parent.parent if in_run else None) from None
+
+
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
+    with disk_room(path, tmp, size=len(text.encode())):
+        tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -37,9 +69,28 @@ def save_checkpoint_atomic(train_network: nn.Cell, path: Path, extra: dict) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     # save_checkpoint appends ".ckpt" to any other suffix, so the temporary name must end in .ckpt itself.
     tmp = path.with_name(f".{path.stem}.partial.ckpt")
-    ms.save_checkpoint(train_network, str(tmp), append_dict=dict(extra))
+    # MindSpore itself writes to the name with .tmp for .ckpt, and leaves that file behind when the disk is full.
+    size = 4 * sum(int(p.size) for p in train_network.get_parameters())
+    with disk_room(path, tmp, tmp.with_suffix(".tmp"), size=size):
+        ms.save_checkpoint(train_network, str(tmp), append_dict=dict(extra))
     os.replace(tmp, path)
     return path
+
+
+def checkpoint_bytes(network: nn.Cell) -> int:
+    """The size of one task=train checkpoint of `network`: its float32 parameters (BatchNorm's statistics included)
+    and two optimizer copies of each trainable one (SGD's accum and stat, AdamW's two moments)."""
+    every = sum(int(p.size) for p in network.get_parameters())
+    trainable = sum(int(p.size) for p in network.trainable_params())
+    return 4 * (every + 2 * trainable)
+
+
+def disk_need(network: nn.Cell, keep_last: int) -> int:
+    """The most a training's run dir holds at once: trainer.keep_last epoch checkpoints, the next one while it is
+    written, best.ckpt, an interrupted.ckpt until the next epoch checkpoint replaces it, and at the end the trained
+    model's weights with their staging copy."""
+    weights = 4 * sum(int(p.size) for p in network.get_parameters())
+    return (int(keep_last) + 3) * checkpoint_bytes(network) + 2 * weights
 
 
 def epoch_checkpoints(ckpt_dir: Path) -> List[Path]:

@@ -167,4 +167,3 @@ class StopAtStepBoundary(Callback):
         name = self._agreed()
         if name:
             self._stop(run_context, name, epoch, 0)
-

@@ -1,7 +1,7 @@
 """The memory a training will need, estimated before its first step, and the memory the machine has free.
 
-estimate = parameters + gradients + optimizer state (4 bytes each per parameter; SGD's momentum is one copy, AdamW's
-moments two) + activations kept for the backward pass + the runtime.
+estimate = parameters + gradients + optimizer state (4 bytes each per parameter; SGD keeps two copies, its accum and
+stat, and AdamW two moments) + activations kept for the backward pass + the runtime.
 
 - Activations: the elements of every conv and linear output of one clip at the training clip (traced from the built
   network, models.summary.trace_network), times the batch, times `ACTIVATION_COPIES`: besides each conv's output the
@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 from x3d_exp.models.summary import trace_network
 
 BYTES = 4  # float32
+# Per parameter, both optimizers keep two: SGD its accum and stat, AdamW its two moments (adam_m, adam_v).
+OPTIMIZER_COPIES = 2
 ACTIVATION_COPIES = 3.1
 RUNTIME_BYTES = 0.96e9
 RUNTIME_BYTES_PER_LAYER = 7.4e6
@@ -53,21 +55,22 @@ class MemoryEstimate:
         return max(0, int((available - fixed) // max(1.0, self.per_clip())))
 
     def describe(self) -> str:
-        return (f"about {gb(self.total)} (parameters and gradients {gb(self.params)}, optimizer {gb(self.optimizer)}, "
-                f"activations {gb(self.activations)} at batch {self.batch_size}, runtime {gb(self.runtime)})")
+        return (f"about {size_text(self.total)} (parameters and gradients {size_text(self.params)}, optimizer "
+                f"{size_text(self.optimizer)}, activations {size_text(self.activations)} at batch {self.batch_size}, "
+                f"runtime {size_text(self.runtime)})")
 
 
-def gb(size: float) -> str:
-    return f"{size / 1e9:.1f} GB"
+def size_text(size: float) -> str:
+    """Bytes as a person reads them: 2.2 GB, 15 MB."""
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
 
 
 def estimate_memory(network, clip: Sequence[int], batch_size: int, optimizer: str) -> MemoryEstimate:
     """The training's estimate for `batch_size` clips of shape `clip` (C, T, H, W)."""
     count = trace_network(network, clip)
     params = sum(int(p.size) for p in network.get_parameters())
-    moments = 2 if optimizer == "adamw" else 1
     activation_elements = sum(_elements(layer.out_shape) for layer in count.layers)
-    return MemoryEstimate(params=2 * BYTES * params, optimizer=moments * BYTES * params,
+    return MemoryEstimate(params=2 * BYTES * params, optimizer=OPTIMIZER_COPIES * BYTES * params,
                           activations=ACTIVATION_COPIES * BYTES * activation_elements * batch_size,
                           runtime=RUNTIME_BYTES + RUNTIME_BYTES_PER_LAYER * len(count.layers), batch_size=batch_size)
 
@@ -117,7 +120,7 @@ def memory_warning(estimate: MemoryEstimate, available: Optional[float]) -> Opti
     fits = estimate.batch_that_fits(available)
     advice = (f"data.batch_size={fits} fits" if fits >= 1
               else "not even data.batch_size=1 fits: try a smaller model or clip")
-    return f"this run needs {gb(estimate.total)} but only {gb(available)} is free: {advice}"
+    return f"this run needs {size_text(estimate.total)} but only {size_text(available)} is free: {advice}"
 
 
-__all__ = ["MemoryEstimate", "available_memory", "compile_seconds", "estimate_memory", "memory_warning", "gb"]
+__all__ = ["MemoryEstimate", "available_memory", "compile_seconds", "estimate_memory", "memory_warning", "size_text"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -17,10 +18,11 @@ from x3d_exp.data import build_loader, pipeline_errors
 from x3d_exp.distributed import RESULT_FILE, SINGLE, Dist, check_replicas, join
 from x3d_exp.engine.build import build_network, build_optimizer, setup_context, training_model
 from x3d_exp.engine.callbacks import TrainState, train_callbacks
-from x3d_exp.engine.checkpoint import resolve_resume, restore_best, restore_training_state, write_atomic
+from x3d_exp.engine.checkpoint import (disk_need, disk_room, resolve_resume, restore_best, restore_training_state,
+                                       write_atomic)
 from x3d_exp.engine.evaluate import evaluate
 from x3d_exp.engine.interrupt import StopAtStepBoundary, StopSignals
-from x3d_exp.engine.memory import available_memory, compile_seconds, estimate_memory, memory_warning
+from x3d_exp.engine.memory import available_memory, compile_seconds, estimate_memory, memory_warning, size_text
 from x3d_exp.engine.progress import eval_cost
 from x3d_exp.errors import UserError
 from x3d_exp.models.fuse import inference_network
@@ -74,8 +76,8 @@ def run_link(cfg: DictConfig, run_id: Optional[str]) -> str:
 
 
 def _announce(cfg: DictConfig, network, device: str, run_dir: Path, tracker: Tracker, dist: Dist) -> None:
-    """The run's first line: its dir, its MLflow link and the memory it will need; a warning when that is more than
-    is free."""
+    """The run's first line: its dir, its MLflow link, the memory it will need and the disk its checkpoints will; a
+    warning when either is more than is free."""
     sizes = input_sizes(cfg, network.spec)
     estimate = estimate_memory(network, train_clip(sizes), int(cfg.data.batch_size), str(cfg.optim.name))
     if tracker.sender is not None:
@@ -83,11 +85,18 @@ def _announce(cfg: DictConfig, network, device: str, run_dir: Path, tracker: Tra
         tracker.sender.drain(START_LINK_WAIT_S)
     link = run_link(cfg, tracker.run_id) or ("MLflow off" if not tracker.active else
                                              f"MLflow run pending in {cfg.mlflow.tracking_uri} (docs/tracking.md)")
-    if dist.is_main:
-        print(f"run dir {run_dir}; view: {link}; memory per process {estimate.describe()}", flush=True)
+    if not dist.is_main:
+        return
+    disk, free = disk_need(network, cfg.trainer.keep_last), shutil.disk_usage(run_dir).free
+    print(f"run dir {run_dir}; view: {link}; memory per process {estimate.describe()}; disk for checkpoints up to "
+          f"{size_text(disk)} ({size_text(free)} free)", flush=True)
     warning = memory_warning(estimate, available_memory(device))
     if warning:
         log.warning(warning)
+    if disk > free:
+        log.warning("the checkpoints of this run need up to %s, but the disk of %s has %s free: free space there "
+                    "or lower trainer.keep_last=%d", size_text(disk), run_dir, size_text(free),
+                    int(cfg.trainer.keep_last))
 
 
 def task_train(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
@@ -101,7 +110,8 @@ def _train(cfg: DictConfig, job: JobContext, signals: StopSignals) -> dict:
     device = setup_context(cfg)
     dist = join(device)
     network = build_network(cfg, device)
-    with Tracker(cfg, train_dir, job, resume=resume_from is not None, active=dist.is_main) as tracker:
+    with Tracker(cfg, train_dir, job, resume=resume_from is not None, active=dist.is_main,
+                 print_link=False) as tracker:
         _announce(cfg, network, device, train_dir, tracker, dist)
         loaders = _loaders(cfg, network.spec, train_dir, ("train", "val", "test"), dist)
         if cfg.ckpt and resume_from is None:
@@ -164,8 +174,9 @@ def _train(cfg: DictConfig, job: JobContext, signals: StopSignals) -> dict:
         if dist.is_main:
             test = loaders["test"]
             spec = model_spec(cfg, network, sizes, test.class_names)
-            model_dir = save_trained_model(train_dir / MODEL_DIR, network, spec,
-                                           test.paths[0] if len(test.paths) else None)
+            with disk_room(train_dir / MODEL_DIR):
+                model_dir = save_trained_model(train_dir / MODEL_DIR, network, spec,
+                                               test.paths[0] if len(test.paths) else None)
             tracker.log_trained_model(model_dir, {**metrics, "val/best_top1": state.best_top1})
             result["model_dir"] = str(model_dir)
         result.update(cost, task="train", run_id=tracker.run_id, val_top1=state.best_top1, best_epoch=state.best_epoch,
@@ -201,7 +212,7 @@ def task_test(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
     device = setup_context(cfg)
     dist = join(device)
     network = build_network(cfg, device)
-    with Tracker(cfg, run_dir, job, active=dist.is_main) as tracker:
+    with Tracker(cfg, run_dir, job, active=dist.is_main, print_link=False) as tracker:
         skipped = load_pretrained(network, cfg.ckpt, cfg.mlflow.tracking_uri)
         if skipped:
             raise UserError(f"ckpt={cfg.ckpt}: its head does not fit data.num_classes={cfg.data.num_classes}")

@@ -80,6 +80,7 @@ def task_ui(cfg: DictConfig, job: JobContext = JobContext()) -> dict:
         server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", display_uri(uri),
                                    "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
     def stop(signum, _frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from x3d_exp.config import FACTORS, JobContext
 from x3d_exp.env import under_msrun
-from x3d_exp.errors import Interrupted
+from x3d_exp.errors import Interrupted, NoSpace
 from x3d_exp.tracking.delivery import Sender, finish_delivery
 from x3d_exp.tracking import models  # noqa: F401  (registers the log_trained_model record)
 from x3d_exp.tracking.runs import RUN_ID_FILE, display_uri, git_commit, owner_tags, spool_new_run
@@ -52,15 +52,18 @@ class Tracker:
     `job.adopted_run` (a spool an outer process opened: the sweep job wrapper, the msrun launcher) makes this an
     adopting tracker: it appends to that spool and leaves creating, delivering and closing the run to the owner.
     `active=False` (ranks other than 0) makes every method a no-op, so the engine needs no rank checks around it.
-    At the end the owner waits up to `mlflow.drain_timeout` for the delivery, then prints how to view the run, or
-    one warning line with the command that delivers the rest.
+    At the end the owner waits up to `mlflow.drain_timeout` for the delivery, then prints how to view the run (unless
+    `print_link=False`: train and test jobs end with a line of their own that holds the link), or one warning line
+    with the command that delivers the rest.
     """
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, job: JobContext, resume: bool = False, active: bool = True):
+    def __init__(self, cfg: DictConfig, run_dir: Path, job: JobContext, resume: bool = False, active: bool = True,
+                 print_link: bool = True):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.job = job
         self.resume = resume
+        self.print_link = print_link
         self.active = active and bool(cfg.mlflow.enabled)
         self.tracking_uri = str(cfg.mlflow.tracking_uri)
         self.owner = job.adopted_run is None
@@ -119,14 +122,24 @@ class Tracker:
             self._closed = True  # a run the sender creates from now on gets no sampler
             if self._monitor is not None:
                 self._monitor.finish()
-        if exc_type is not None and issubclass(exc_type, Interrupted):
-            self.record("terminate", status="KILLED", error=str(exc))
-        elif exc_type is not None:
-            self.record("terminate", status="FAILED", error=f"{exc_type.__name__}: {exc}")
-        elif self.owner:
-            self.record("terminate", status="FINISHED")
+        try:
+            if exc_type is not None and issubclass(exc_type, Interrupted):
+                self.record("terminate", status="KILLED", error=str(exc))
+            elif exc_type is not None:
+                self.record("terminate", status="FAILED", error=f"{exc_type.__name__}: {exc}")
+            elif self.owner:
+                self.record("terminate", status="FINISHED")
+        except NoSpace as err:
+            # The disk is full. The job's own error, if it has one, is what the user reads; the run is closed KILLED
+            # by task=sync or by the next run in the experiment (docs/tracking.md).
+            unrecorded = err
+        else:
+            unrecorded = None
         if self.sender is not None:
-            finish_delivery(self.sender, float(self.cfg.mlflow.drain_timeout), announce=exc_type is None)
+            finish_delivery(self.sender, float(self.cfg.mlflow.drain_timeout),
+                            announce=exc_type is None and unrecorded is None and self.print_link)
+        if unrecorded is not None and exc_type is None:
+            raise unrecorded
         return False
 
     def record(self, op: str, **args) -> None:

@@ -207,25 +207,32 @@ def _package_copy(into: Path) -> str:
 def save_trained_model(model_dir: Path, network, spec: dict, example_video: Optional[str] = None) -> Path:
     """Write `network` (its parameters only) and `spec` (see model_spec) as an MLflow pyfunc model at `model_dir`,
     replacing what is there only once the new one is complete."""
-    from x3d_exp.weights import save_params
-
     model_dir = Path(model_dir)
     partial = model_dir.with_name(f".{model_dir.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix=".model-", dir=model_dir.parent) as staging:
-        staging = Path(staging)
-        save_params({p.name: p.asnumpy() for p in network.get_parameters()}, str(staging / WEIGHTS))
-        (staging / DESCRIPTION).write_text(json.dumps(spec, indent=1))
-        mlflow.pyfunc.save_model(str(partial), python_model=VideoClassifier(),
-                                 artifacts={"weights": str(staging / WEIGHTS), "description": str(staging / DESCRIPTION)},
-                                 code_paths=[_package_copy(staging)], signature=signature(),
-                                 input_example=_input_example(example_video),
-                                 pip_requirements=pinned_requirements(),
-                                 metadata={"class_names": spec["class_names"], "clip": spec["clip"],
-                                           "x3d_model": spec["model"]["name"]})
+    try:
+        with tempfile.TemporaryDirectory(prefix=".model-", dir=model_dir.parent) as staging:
+            _save_pyfunc(Path(staging), partial, network, spec, example_video)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # a full disk, say: no half-written model is left
+        raise
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(partial, model_dir)
     return model_dir
+
+
+def _save_pyfunc(staging: Path, partial: Path, network, spec: dict, example_video: Optional[str]) -> None:
+    from x3d_exp.weights import save_params
+
+    save_params({p.name: p.asnumpy() for p in network.get_parameters()}, str(staging / WEIGHTS))
+    (staging / DESCRIPTION).write_text(json.dumps(spec, indent=1))
+    # The model from code (pyfunc_entry.py), not a pickled VideoClassifier: loading it deserializes no pickle.
+    mlflow.pyfunc.save_model(str(partial), python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+                             artifacts={"weights": str(staging / WEIGHTS), "description": str(staging / DESCRIPTION)},
+                             code_paths=[_package_copy(staging)], signature=signature(),
+                             input_example=_input_example(example_video), pip_requirements=pinned_requirements(),
+                             metadata={"class_names": spec["class_names"], "clip": spec["clip"],
+                                       "x3d_model": spec["model"]["name"]})
 
 
 def log_trained_model(client, run_id: str, *, model_dir: str, name: str, metrics: dict,
@@ -317,8 +324,8 @@ def save_onnx_model(model_dir: Path, onnx_path: str, input_shape: list, class_na
     graph_input, graph_output = proto.graph.input[0].name, proto.graph.output[0].name
     shape = [-1, *input_shape[1:]]
     sig = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), shape, graph_input)]),
-                         outputs=Schema([TensorSpec(np.dtype(np.float32), [-1, len(class_names or [])
-                                                                             or -1], graph_output)]))
+                         outputs=Schema([TensorSpec(np.dtype(np.float32), [-1, len(class_names or []) or -1],
+                                                    graph_output)]))
     mlflow.onnx.save_model(proto, str(partial), signature=sig,
                            pip_requirements=pinned_requirements(("onnx", "onnxruntime", "numpy", "mlflow")),
                            metadata={"class_names": list(class_names) if class_names else None,

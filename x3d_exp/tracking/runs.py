@@ -155,7 +155,7 @@ def open_run(client: MlflowClient, experiment_name: str, name: Optional[str], ta
 
 
 def spool_new_run(spool: Spool, cfg: DictConfig, run_dir: Path, job: JobContext, tags: Optional[dict] = None,
-                   name: Optional[str] = None, parent_key: Optional[str] = None) -> str:
+                  name: Optional[str] = None, parent_key: Optional[str] = None) -> str:
     """Spool a RUNNING run with the standard tags, the flattened config as params and the job's `.hydra/` files;
     returns its key (`parent_key`: the key of the sweep's parent run, whose child it is)."""
     overrides = " ".join(job.task_overrides)

@@ -25,6 +25,7 @@ between delivering it and recording the delivery, so it must be idempotent (or c
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -34,6 +35,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+from x3d_exp.errors import NoSpace
 
 SPOOL_FILE = "mlflow_spool.jsonl"
 # Per tracking store, how far the spool is delivered and the run it created there (x3d_exp.tracking.delivery).
@@ -100,10 +103,17 @@ class Spool:
             raise KeyError(f"no spool op {op!r} registered (x3d_exp.tracking.spool.register_op)")
         line = json.dumps({"op": op, "args": args, "time": time.time()}, allow_nan=True) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._locked("ab") as f:
-            f.write(line.encode())
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with self._locked("ab") as f:
+                f.write(line.encode())
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # What was written of the line is cut off by the next reader (repair_tail), like a killed writer's.
+            raise NoSpace(f"no space left on the disk of {self.path} to record to MLflow: free space there; the "
+                          f"records before this one are kept") from None
 
     @contextmanager
     def _locked(self, mode: str) -> Iterator:
