@@ -1,5 +1,6 @@
 """Shared test set-up: run.py's process hygiene before MindSpore loads, and the fixtures several files use."""
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -98,3 +99,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group(shared[0]))
         elif _uses_a_session_fixture_of_its_file(item):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 56 MB file system (tmpfs) that fills up: room for two of the tiny run's 22 MB checkpoints, not three.
+    Mounting needs root, as CI and this project's machines have."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=56m", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from tests.cli_helpers import (REPO, SHALLOW, TINY, MlflowServer, cli_env, compose_config, final_json, free_port,
                                metric_steps, run_cli, running, runs_of, store_uri)
 from x3d_exp.config import JobContext
-from x3d_exp.errors import Interrupted
+from x3d_exp.errors import Interrupted, NoSpace
 from x3d_exp.tracking import Tracker
 from x3d_exp.tracking.delivery import Delivery, sync
 from x3d_exp.tracking.runs import close_orphaned_runs, spool_run
@@ -72,6 +72,27 @@ def test_a_record_cut_short_mid_write_is_not_read_and_is_cut_off_before_the_next
     spool.append("log_metrics", metrics=[["train/loss", 0.25, 1003, 3]])
     records, damaged = spool.read()
     assert len(records) == 4 and damaged == [] and records[-1].args["metrics"][0][3] == 3
+
+
+def test_a_full_disk_stops_spooling_with_one_line_and_keeps_every_whole_record(small_disk, uri):
+    spool = spooled_run(small_disk, steps=2)
+    filler = small_disk / "filler"
+    with pytest.raises(OSError), open(filler, "wb") as f:
+        while True:  # to the last byte: the file system's own ENOSPC
+            f.write(b"\0" * 4096)
+            f.flush()
+    steps = [1, 2]
+    with pytest.raises(NoSpace, match=r"^no space left on the disk of .*/mlflow_spool\.jsonl to record to MLflow"):
+        for step in range(3, 300):  # the spool's last page has room for a few records more
+            spool.append("log_metrics", metrics=[["train/loss", 1 / step, 1000 + step, step]])
+            steps.append(step)
+    filler.unlink()
+    spool.repair_tail()  # what was written of the refused record is cut off
+    step = steps[-1] + 1
+    spool.append("log_metrics", metrics=[["train/loss", 1 / step, 1000 + step, step]])
+    records, damaged = spool.read()
+    assert damaged == [] and [r.args["metrics"][0][3] for r in records[1:]] == steps + [step]
+    assert history(uri, deliver_all(spool, uri).run_id) == [(s, 1.0 / s) for s in steps + [step]]
 
 
 def test_a_damaged_record_is_reported_in_one_line_and_the_rest_is_delivered(tmp_path, uri, capsys):

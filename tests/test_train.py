@@ -65,17 +65,6 @@ def test_test_task_on_the_best_checkpoint_reproduces_the_final_test(trained, cac
     assert run.info.status == "FINISHED" and run.data.metrics["test/top1"] == pytest.approx(result["test_top1"])
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 56 MB file system (tmpfs) that fills up: room for two of the tiny run's 22 MB checkpoints, not three.
-    Mounting needs root, as CI and this project's machines have."""
-    mount = tmp_path / "small_disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=56m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_full_disk_stops_the_run_with_one_line_the_complete_checkpoints_and_a_resume_command(
         small_disk, cache, tmp_path):
     run_dir = small_disk / "run"

@@ -112,8 +112,10 @@ class Spool:
             if err.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
             # What was written of the line is cut off by the next reader (repair_tail), like a killed writer's.
+            # A training's run dir (its checkpoints/ is there) can be resumed once there is room.
+            resumable = (self.run_dir / "checkpoints").is_dir()
             raise NoSpace(f"no space left on the disk of {self.path} to record to MLflow: free space there; the "
-                          f"records before this one are kept") from None
+                          f"records before this one are kept", run_dir=self.run_dir if resumable else None) from None
 
     @contextmanager
     def _locked(self, mode: str) -> Iterator:
