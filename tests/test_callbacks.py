@@ -173,13 +173,18 @@ def test_the_best_checkpoint_holds_the_best_validated_epoch_and_trainstate_resum
     assert int(ms.load_checkpoint(str(state.best_path))["epoch"].asnumpy()) == best_epoch
     last = ms.load_checkpoint(str(train_dir / "checkpoints" / "epoch0003.ckpt"))
     assert (int(last["epoch"].asnumpy()), int(last["step"].asnumpy())) == (3, 3 * state.steps_per_epoch)
+    assert 0 < float(last["elapsed_s"].asnumpy()) <= state.clock.elapsed()
     # Resumed at epoch 2 (its checkpoint pruned since, the history file one epoch ahead): TrainState takes the
     # best top-1 from the checkpoint and the history up to its epoch, the best and kept files from the disk.
     resumed = TrainState.start(cfg, state.steps_per_epoch, train_dir,
-                               resumed_from={"epoch": 2, "step": 4, "best_top1": state.best_top1})
+                               resumed_from={"epoch": 2, "step": 4, "best_top1": state.best_top1, "elapsed_s": 600.0})
     assert [r["epoch"] for r in resumed.history] == [1, 2] and resumed.history == state.history[:2]
     assert resumed.best_path == state.best_path and resumed.last_paths == state.last_paths
     assert resumed.best_top1 == pytest.approx(state.best_top1)
+    # The run's clock goes on from the training time the resumed state had, and saves it on.
+    resumed.start_clock(2, 1, 0, eval_cost=0.5)
+    assert resumed.clock.status().startswith("run 10 min 0 s,")
+    assert resumed.checkpoint_meta(3)["elapsed_s"] == pytest.approx(600.0, abs=1.0)
 
 
 def test_a_tiny_x3d_training_state_saves_atomically_and_restores_whole(data_root, tmp_path):

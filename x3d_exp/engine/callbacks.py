@@ -71,6 +71,8 @@ class TrainState:
     step_in_epoch: int = 0
     skip_steps: int = 0
     clock: Optional[RunClock] = None
+    # The training time of the sessions before a resume, up to the state resumed from: the run's clock goes on from it.
+    earlier_s: float = 0.0
     # Announced before the first step: the one-time graph compile's expected seconds (engine.memory).
     compile_estimate_s: Optional[float] = None
 
@@ -84,6 +86,7 @@ class TrainState:
             return state
         state.best_top1 = float(resumed_from.get("best_top1", -1.0))
         state.skip_steps = int(resumed_from.get("step_in_epoch", 0))
+        state.earlier_s = float(resumed_from.get("elapsed_s", 0.0))
         history = ckpt_dir / HISTORY_FILE
         # The history file may run one epoch past the checkpoint if the process died between the two writes.
         if history.is_file():
@@ -107,8 +110,11 @@ class TrainState:
 
     def checkpoint_meta(self, epoch: int, step_in_epoch: int = 0) -> dict:
         """What a checkpoint records beside the weights (engine.checkpoint.META_KEYS): where training stands after
-        `epoch` epochs and `step_in_epoch` steps of the next, the best val top-1 and the training clip."""
+        `epoch` epochs and `step_in_epoch` steps of the next, the best val top-1, the training clip and the training
+        time so far."""
         meta = {"epoch": epoch, "step": self.epoch_step(epoch) + step_in_epoch, "best_top1": self.best_top1}
+        if self.clock is not None:
+            meta["elapsed_s"] = round(self.clock.elapsed(), 1)
         if step_in_epoch:
             meta["step_in_epoch"] = step_in_epoch
         if self.clip:
@@ -121,7 +127,8 @@ class TrainState:
         validations = sum(1 for e in range(1, epochs + 1) if self.evaluating(e))
         done = sum(1 for e in range(1, first_epoch + 1) if self.evaluating(e))
         self.clock = RunClock(epochs * self.steps_per_epoch, self.epoch_step(first_epoch) + self.skip_steps,
-                              val_batches, validations, done, test_batches, eval_cost)
+                              val_batches, validations, done, test_batches, eval_cost,
+                              started=time.time() - self.earlier_s)
         return self.clock
 
 

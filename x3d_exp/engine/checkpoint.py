@@ -20,8 +20,9 @@ from x3d_exp.errors import NoSpace, UserError, WeightsError
 EPOCH_CKPT = re.compile(r"^epoch(\d+)\.ckpt$")
 BEST_CKPT = "best.ckpt"
 # Metadata beside the weights: where training stands (a state saved mid-epoch also has the steps done in the next
-# epoch, step_in_epoch), and the clip it trains on (frames, crop side), which task=export takes as its default input.
-META_KEYS = ("epoch", "step", "step_in_epoch", "best_top1", "clip_num_frames", "clip_crop_size")
+# epoch, step_in_epoch), the training time so far (elapsed_s: a resumed run's clock goes on from it), and the clip it
+# trains on (frames, crop side), which task=export takes as its default input.
+META_KEYS = ("epoch", "step", "step_in_epoch", "best_top1", "clip_num_frames", "clip_crop_size", "elapsed_s")
 # The state saved when a signal stopped the training (x3d_exp.engine.interrupt); removed by the next epoch checkpoint,
 # so when present it is the newest state.
 INTERRUPT_CKPT = "interrupted.ckpt"
