@@ -40,10 +40,11 @@ def render(url: str, screenshot: Path, window: str = "1400,1600") -> str:
     return done.stdout
 
 
-def run_chromium(args, timeout: float = 90) -> subprocess.CompletedProcess:
+def run_chromium(args, timeout: float = 45) -> subprocess.CompletedProcess:
     """Headless Chromium, tried twice: on this loaded 2-core machine its first page of a freshly started MLflow
-    server now and then never reaches the end of its virtual-time budget (a second try takes 5-7 s). Each try runs
-    in its own process group, killed whole on a timeout, so no renderer is left behind."""
+    server now and then never reaches the end of its virtual-time budget (a second try takes 5-7 s; a page that
+    renders takes 10-20 s). Each try runs in its own process group, killed whole on a timeout, so no renderer is left
+    behind."""
     import os
     import signal
 

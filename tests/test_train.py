@@ -4,7 +4,6 @@ resumed one: tests/test_spool.py, with the tracking server down at the kill)."""
 from __future__ import annotations
 
 import re
-import shlex
 import subprocess
 
 import pytest
@@ -88,13 +87,4 @@ def test_a_full_disk_stops_the_run_with_one_line_the_complete_checkpoints_and_a_
     (run,) = runs_of(store_uri(tmp_path))
     assert run.info.status == "FAILED" and "no space left" in run.data.tags["error"]
     # Epoch 2 was validated before its checkpoint found the disk full.
-    assert metric_steps(store_uri(tmp_path), run.info.run_id, "val/top1") == [4, 8]
-    # With room again, the printed command finishes the run from epoch 1, with one value per step.
-    subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)
-    resumed = run_cli(shlex.split(errors[1].removeprefix("resume with: "))[2:], cwd=tmp_path, cache=cache)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout and "at epoch 1," in resumed.stdout
-    (run,) = runs_of(store_uri(tmp_path))
-    assert run.info.status == "FINISHED" and "test/top1" in run.data.metrics
-    assert metric_steps(store_uri(tmp_path), run.info.run_id, "train/loss") == list(range(1, 9))
     assert metric_steps(store_uri(tmp_path), run.info.run_id, "val/top1") == [4, 8]
