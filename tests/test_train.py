@@ -4,7 +4,6 @@ resumed one: tests/test_spool.py, with the tracking server down at the kill)."""
 from __future__ import annotations
 
 import re
-import subprocess
 
 import pytest
 
