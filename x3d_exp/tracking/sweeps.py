@@ -200,13 +200,18 @@ def summary_table(client, children: List, base_params: dict):
     return pd.DataFrame(rows, columns=columns).sort_values("job", kind="stable").reset_index(drop=True)
 
 
+def job_folders(sweep_dir: Path, since: float) -> List[Path]:
+    """The job folders this multirun made: numbered, modified since `since` (older ones are an earlier attempt's)."""
+    return [folder for folder in sweep_dir.iterdir()
+            if folder.name.isdigit() and folder.is_dir() and folder.stat().st_mtime >= since]
+
+
 def lost_jobs(sweep_dir: Path, known_jobs, since: float) -> List[dict]:
-    """Summary rows for the job folders this multirun made (modified since `since`) that have no child run: jobs
-    that died before they opened one (killed by the OOM killer or a scheduler, or a lost node)."""
+    """Summary rows for the job folders this multirun made that have no child run: jobs that died before they
+    opened one (killed by the OOM killer or a scheduler, or a lost node)."""
     rows = []
-    for folder in sweep_dir.iterdir():
-        if folder.name.isdigit() and folder.is_dir() and int(folder.name) not in known_jobs \
-                and folder.stat().st_mtime >= since:
+    for folder in job_folders(sweep_dir, since):
+        if int(folder.name) not in known_jobs:
             overrides = folder / ".hydra" / "overrides.yaml"
             # Hydra opens the job's log file a moment before it saves the overrides: a job killed in between
             # leaves none.
@@ -215,6 +220,11 @@ def lost_jobs(sweep_dir: Path, known_jobs, since: float) -> List[dict]:
             rows.append({"job": int(folder.name), "status": "FAILED",
                          "error": "the job ended before it opened its MLflow run (killed?)", "overrides": given})
     return rows
+
+
+def jobs_name(sweep: str, jobs: int) -> str:
+    """A sweep parent's name: `expand_one_axis (7 jobs)`."""
+    return f"{sweep} ({jobs} job{'s' if jobs != 1 else ''})"
 
 
 class MlflowSweepCallback(Callback):
@@ -307,6 +317,8 @@ class MlflowSweepCallback(Callback):
         else:
             log.warning("the sweep summary is skipped: MLflow at %s did not answer; after `%s`, the runs are all "
                         "there", self.tracking_uri, sync_command(self.sweep_dir))
+            jobs = len(job_folders(self.sweep_dir, self.started))
+            spool.append("set_tags", tags={"mlflow.runName": jobs_name(self.name, jobs)})
         spool.append("terminate", status=status)
         sender.notify()
         finish_delivery(sender, self.drain_timeout, announce=False)
@@ -332,8 +344,7 @@ class MlflowSweepCallback(Callback):
         plot = plot_top1_vs_gmacs(table, self.name, self.sweep_dir / SUMMARY_PLOT, SUMMARY_CSV)
         spool.append("log_artifact", path=str(plot))
         bad = table[table.status != "FINISHED"]
-        jobs = f"{len(table)} job{'s' if len(table) != 1 else ''}"
-        spool.append("set_tags", tags={"mlflow.runName": f"{self.name} ({jobs})"})
+        spool.append("set_tags", tags={"mlflow.runName": jobs_name(self.name, len(table))})
         best = table.test_top1.max() if table.test_top1.notna().any() else math.nan
         metrics = {"sweep/jobs": len(table), "sweep/failed": len(bad)}
         if not math.isnan(best):
