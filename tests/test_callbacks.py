@@ -173,7 +173,7 @@ def test_the_best_checkpoint_holds_the_best_validated_epoch_and_trainstate_resum
     assert int(ms.load_checkpoint(str(state.best_path))["epoch"].asnumpy()) == best_epoch
     last = ms.load_checkpoint(str(train_dir / "checkpoints" / "epoch0003.ckpt"))
     assert (int(last["epoch"].asnumpy()), int(last["step"].asnumpy())) == (3, 3 * state.steps_per_epoch)
-    assert 0 < float(last["elapsed_s"].asnumpy()) <= state.clock.elapsed()
+    assert 0 < float(last["elapsed_s"].asnumpy()) <= state.clock.elapsed() + 0.1  # saved to a tenth of a second
     # Resumed at epoch 2 (its checkpoint pruned since, the history file one epoch ahead): TrainState takes the
     # best top-1 from the checkpoint and the history up to its epoch, the best and kept files from the disk.
     resumed = TrainState.start(cfg, state.steps_per_epoch, train_dir,
