@@ -71,27 +71,27 @@ def save_checkpoint_atomic(train_network: nn.Cell, path: Path, extra: dict) -> P
     # save_checkpoint appends ".ckpt" to any other suffix, so the temporary name must end in .ckpt itself.
     tmp = path.with_name(f".{path.stem}.partial.ckpt")
     # MindSpore itself writes to the name with .tmp for .ckpt, and leaves that file behind when the disk is full.
-    size = 4 * sum(int(p.size) for p in train_network.get_parameters())
-    with disk_room(path, tmp, tmp.with_suffix(".tmp"), size=size):
+    with disk_room(path, tmp, tmp.with_suffix(".tmp"), size=float32_bytes(train_network.get_parameters())):
         ms.save_checkpoint(train_network, str(tmp), append_dict=dict(extra))
     os.replace(tmp, path)
     return path
 
 
+def float32_bytes(params) -> int:
+    return 4 * sum(int(p.size) for p in params)
+
+
 def checkpoint_bytes(network: nn.Cell) -> int:
     """The size of one task=train checkpoint of `network`: its float32 parameters (BatchNorm's statistics included)
     and two optimizer copies of each trainable one (SGD's accum and stat, AdamW's two moments)."""
-    every = sum(int(p.size) for p in network.get_parameters())
-    trainable = sum(int(p.size) for p in network.trainable_params())
-    return 4 * (every + 2 * trainable)
+    return float32_bytes(network.get_parameters()) + 2 * float32_bytes(network.trainable_params())
 
 
 def disk_need(network: nn.Cell, keep_last: int) -> int:
     """The most a training's run dir holds at once: trainer.keep_last epoch checkpoints, the next one while it is
     written, best.ckpt, an interrupted.ckpt until the next epoch checkpoint replaces it, and at the end the trained
     model's weights with their staging copy."""
-    weights = 4 * sum(int(p.size) for p in network.get_parameters())
-    return (int(keep_last) + 3) * checkpoint_bytes(network) + 2 * weights
+    return (int(keep_last) + 3) * checkpoint_bytes(network) + 2 * float32_bytes(network.get_parameters())
 
 
 def epoch_checkpoints(ckpt_dir: Path) -> List[Path]:
