@@ -3,6 +3,8 @@
 The ValueError bases are kept so callers that caught the old standalone classes still catch them.
 """
 
+import errno
+
 
 class UserError(Exception):
     """Caused by the user's input; the message is one line naming the key, file or line."""
@@ -34,6 +36,10 @@ class UnsafeCheckpointError(CheckpointError):
 
 class LaunchError(UserError):
     """The distributed run failed or timed out; the message names the failing rank's log."""
+
+
+# The errnos of a full disk (or a full quota): what NoSpace stands for.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class NoSpace(UserError):

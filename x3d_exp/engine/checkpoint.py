@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import shutil
@@ -15,7 +14,7 @@ import mindspore as ms
 from mindspore import nn
 from omegaconf import OmegaConf
 
-from x3d_exp.errors import NoSpace, UserError, WeightsError
+from x3d_exp.errors import DISK_FULL, NoSpace, UserError, WeightsError
 
 EPOCH_CKPT = re.compile(r"^epoch(\d+)\.ckpt$")
 BEST_CKPT = "best.ckpt"
@@ -26,10 +25,6 @@ META_KEYS = ("epoch", "step", "step_in_epoch", "best_top1", "clip_num_frames", "
 # The state saved when a signal stopped the training (x3d_exp.engine.interrupt); removed by the next epoch checkpoint,
 # so when present it is the newest state.
 INTERRUPT_CKPT = "interrupted.ckpt"
-
-
-# The errors of a full disk (or a full quota).
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @contextmanager

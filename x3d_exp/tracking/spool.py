@@ -25,7 +25,6 @@ between delivering it and recording the delivery, so it must be idempotent (or c
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -36,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
-from x3d_exp.errors import NoSpace
+from x3d_exp.errors import DISK_FULL, NoSpace
 
 SPOOL_FILE = "mlflow_spool.jsonl"
 # Per tracking store, how far the spool is delivered and the run it created there (x3d_exp.tracking.delivery).
@@ -109,7 +108,7 @@ class Spool:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as err:
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if err.errno not in DISK_FULL:
                 raise
             # What was written of the line is cut off by the next reader (repair_tail), like a killed writer's.
             # A training's run dir (its checkpoints/ is there) can be resumed once there is room.
